@@ -1,0 +1,106 @@
+"""Backbones: ResNet-50 with frozen BatchNorm (torchvision layout) and the official `none` identity backbone.
+
+A backbone maps normalised images (B, H, W, 3) to a list of feature maps (B, h_l, w_l, C_l) and their
+channel counts; masks of each level come from `resize_mask` (the official nearest-neighbour resize).
+"""
+from typing import Any, List, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+BN_EPS = 1e-5
+RESNET50_STAGES = (3, 4, 6, 3)           # bottleneck blocks per stage
+RESNET50_OUT_CHANNELS = (512, 1024, 2048)  # C3, C4, C5
+
+
+def resize_mask(mask: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
+  """Nearest resize of a (B, H, W) bool mask as torch `F.interpolate` (mode 'nearest') does it.
+
+  Source index = min(floor(dst * (in / out)), in - 1), with the scale in float32 like PyTorch.
+  """
+  def src_index(n_in: int, n_out: int) -> np.ndarray:
+    if n_in == n_out:
+      return np.arange(n_out)
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+  _, h, w = mask.shape
+  return mask[:, src_index(h, size[0])][:, :, src_index(w, size[1])]
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine terms (collection `batch_stats`, never trained)."""
+  eps: float = BN_EPS
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    c = x.shape[-1]
+    weight = self.variable("batch_stats", "weight", jnp.ones, (c,)).value
+    bias = self.variable("batch_stats", "bias", jnp.zeros, (c,)).value
+    mean = self.variable("batch_stats", "running_mean", jnp.zeros, (c,)).value
+    var = self.variable("batch_stats", "running_var", jnp.ones, (c,)).value
+    scale = weight * (1.0 / jnp.sqrt(var + self.eps))
+    shift = bias - mean * scale
+    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+  pad = kernel // 2  # torch-style explicit padding, not 'SAME'
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype, name=name)
+
+
+class Bottleneck(nn.Module):
+  """torchvision Bottleneck (v1.5): the stride sits on the 3x3 conv."""
+  width: int
+  stride: int
+  downsample: bool
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    y = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.width, 1, 1, "conv1", self.dtype)(x)))
+    y = nn.relu(FrozenBatchNorm(name="bn2")(_conv(self.width, 3, self.stride, "conv2", self.dtype)(y)))
+    y = FrozenBatchNorm(name="bn3")(_conv(self.width * 4, 1, 1, "conv3", self.dtype)(y))
+    if self.downsample:
+      x = FrozenBatchNorm(name="downsample_bn")(_conv(self.width * 4, 1, self.stride, "downsample_conv", self.dtype)(x))
+    return nn.relu(x + y)
+
+
+class ResNet50(nn.Module):
+  """ResNet-50 body returning C3, C4, C5 (strides 8, 16, 32), NHWC."""
+  dtype: Any = None
+
+  num_channels: Sequence[int] = RESNET50_OUT_CHANNELS
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> List[jnp.ndarray]:
+    x = nn.relu(FrozenBatchNorm(name="bn1")(_conv(64, 7, 2, "conv1", self.dtype)(x)))   # (B, H/2, W/2, 64)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))              # (B, H/4, W/4, 64)
+    outs = []
+    for stage, blocks in enumerate(RESNET50_STAGES):
+      width = 64 * 2 ** stage
+      for i in range(blocks):
+        stride = 2 if (i == 0 and stage > 0) else 1
+        x = Bottleneck(width, stride, downsample=(i == 0), dtype=self.dtype, name=f"layer{stage + 1}_{i}")(x)
+      if stage > 0:
+        outs.append(x)  # (B, H/2^(stage+2), W/2^(stage+2), 256 * 2^stage)
+    return outs
+
+
+class IdentityBackbone(nn.Module):
+  """The official `--backbone none`: the normalised image itself is the only backbone level (3 channels)."""
+  num_channels: Sequence[int] = (3,)
+
+  def __call__(self, x: jnp.ndarray) -> List[jnp.ndarray]:
+    return [x]
+
+
+def build_backbone(name: str, dtype: Any = None) -> nn.Module:
+  if name == "resnet50":
+    return ResNet50(dtype=dtype, name="backbone")
+  if name == "none":
+    return IdentityBackbone(name="backbone")
+  if name == "swin-t":
+    raise NotImplementedError("model.backbone 'swin-t': the Swin backbone is not implemented yet (issue 6)")
+  raise ValueError(f"model.backbone: unknown backbone {name!r}")

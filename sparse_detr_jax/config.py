@@ -1,0 +1,56 @@
+"""Model configuration: the official Sparse DETR defaults as an ml_collections ConfigDict.
+
+Field names follow the official `main.py` arguments so a config reads like the official command line.
+"""
+from typing import Any
+
+import ml_collections
+
+# The official code's supported backbones ('none' = the image itself is the first feature level).
+BACKBONES = ("resnet50", "none", "swin-t")
+
+
+def model_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Official Sparse DETR model defaults (R50, rho 0.1, two-stage, box refinement, enc aux loss)."""
+  c = ml_collections.ConfigDict()
+  c.backbone = "resnet50"
+  c.num_classes = 91                 # COCO category ids 1..90 plus the unused 0, as official
+  c.hidden_dim = 256
+  c.nheads = 8
+  c.enc_layers = 6
+  c.dec_layers = 6
+  c.dim_feedforward = 1024
+  c.dropout = 0.1
+  c.num_feature_levels = 4
+  c.enc_n_points = 4
+  c.dec_n_points = 4
+  c.num_queries = 300
+  c.with_box_refine = True
+  c.two_stage = True
+  c.eff_query_init = True            # decoder content queries = top-k encoder tokens (Efficient DETR)
+  c.eff_specific_head = True         # two-stage objectness = max over class logits
+  c.use_enc_aux_loss = True          # detection heads on the kept tokens after each encoder layer
+  c.rho = 0.1                        # share of encoder tokens updated by the encoder (0 = dense)
+  c.aux_loss = True
+  c.dtype = "float32"                # compute dtype; parameters stay float32
+  c.update(overrides)
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raise ValueError naming the field when a model config cannot be built."""
+  if c.backbone not in BACKBONES:
+    raise ValueError(f"model.backbone: expected one of {BACKBONES}, got {c.backbone!r}")
+  if not 0.0 <= c.rho < 1.0:
+    raise ValueError(f"model.rho: expected 0 <= rho < 1, got {c.rho}")
+  if c.hidden_dim % c.nheads or c.hidden_dim % 32:
+    raise ValueError(f"model.hidden_dim: {c.hidden_dim} must divide by nheads ({c.nheads}) and 32 (GroupNorm)")
+  if c.two_stage and not c.with_box_refine:
+    raise ValueError("model.two_stage without model.with_box_refine is not a published configuration "
+                     "(the official Deformable DETR and Sparse DETR codes disagree on it): set both")
+  if c.two_stage and c.hidden_dim != 256:
+    raise ValueError("model.hidden_dim: two-stage models need 256 (the official query position "
+                     "embedding hard-codes 128 features per box coordinate)")
+  n_backbone = {"none": 1}.get(c.backbone, 3)
+  if c.num_feature_levels < n_backbone:
+    raise ValueError(f"model.num_feature_levels: need at least {n_backbone} for backbone {c.backbone!r}")

@@ -1,0 +1,288 @@
+"""Official Sparse DETR / Deformable DETR checkpoints (.pth) -> Flax variables, and back to disk with Orbax.
+
+    python -m sparse_detr_jax.convert CKPT.pth OUT_DIR [--num_classes K]
+
+    from sparse_detr_jax import convert
+    model, variables, config = convert.load_official("r50_sparse_detr_rho_0.1.pth")
+
+The checkpoint is read with `torch.load(weights_only=True)`, allowing only `argparse.Namespace`
+besides tensors: a pickle that would run code is refused. Every official key maps to exactly one
+variable; keys the official model stores twice (shared heads, `transformer.decoder.class_embed` ...)
+must hold equal tensors. Unknown, missing or mis-shaped keys are an error that lists them.
+"""
+import argparse
+import json
+import os
+import pickle
+import re
+import sys
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax.model import (SparseDETR, build_model, heads_are_cloned, init_variables, num_prediction_heads,
+                                   variable_shapes)
+
+Path = Tuple[str, ...]
+# The official argparse fields that define the architecture (see config.model_config).
+ARCH_ARGS = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "dropout",
+             "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "with_box_refine", "two_stage",
+             "eff_query_init", "eff_specific_head", "use_enc_aux_loss", "rho", "aux_loss")
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+  return w.T
+
+
+def _conv(w: np.ndarray) -> np.ndarray:
+  return w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+  return w
+
+
+def _param_kind(leaf: str, ndim: int) -> Tuple[str, Callable[[np.ndarray], np.ndarray]]:
+  """Flax leaf name and transform for a torch leaf of a Linear / norm / conv module."""
+  if leaf == "bias":
+    return "bias", _same
+  if ndim == 4:
+    return "kernel", _conv
+  if ndim == 2:
+    return "kernel", _linear
+  return "scale", _same  # LayerNorm / GroupNorm weight
+
+
+class _KeyMapper:
+  """Maps official state_dict keys to (collection, flax path, transform) for one model config."""
+
+  def __init__(self, c: ml_collections.ConfigDict):
+    self.c = c
+    self.cloned = heads_are_cloned(c)
+    self.first_enc_aux = num_prediction_heads(c) - (c.enc_layers - 1)
+
+  def head(self, i: int) -> str:
+    return str(i if self.cloned else 0)
+
+  def __call__(self, key: str, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
+    parts = key.split(".")
+    leaf = parts[-1]
+    m = re.fullmatch(r"transformer\.(encoder|decoder)\.class_embed\.(\d+)\.(weight|bias)", key)
+    if m:  # aliases of the top-level head list
+      i = int(m.group(2)) + (self.first_enc_aux if m.group(1) == "encoder" else 0)
+      return self(f"class_embed.{i}.{leaf}", ndim)
+    m = re.fullmatch(r"transformer\.(encoder|decoder)\.bbox_embed\.(\d+)\.(layers\.\d+\.(?:weight|bias))", key)
+    if m:
+      i = int(m.group(2)) + (self.first_enc_aux if m.group(1) == "encoder" else 0)
+      return self(f"bbox_embed.{i}.{m.group(3)}", ndim)
+    m = re.fullmatch(r"class_embed\.(\d+)\.(weight|bias)", key)
+    if m:
+      name, fn = _param_kind(leaf, ndim)
+      return "params", (f"class_embed_{self.head(int(m.group(1)))}", name), fn
+    m = re.fullmatch(r"bbox_embed\.(\d+)\.layers\.(\d+)\.(weight|bias)", key)
+    if m:
+      name, fn = _param_kind(leaf, ndim)
+      return "params", (f"bbox_embed_{self.head(int(m.group(1)))}", f"layers_{m.group(2)}", name), fn
+    if key == "transformer.level_embed":
+      return "params", ("level_embed",), _same
+    if key == "query_embed.weight":
+      return "params", ("query_embed",), _same
+    m = re.fullmatch(r"input_proj\.(\d+)\.([01])\.(weight|bias)", key)
+    if m:
+      name, fn = _param_kind(leaf, ndim)
+      return "params", (f"input_proj_{m.group(1)}", "conv" if m.group(2) == "0" else "norm", name), fn
+    m = re.fullmatch(r"transformer\.enc_mask_predictor\.layer([12])\.(\d)\.(weight|bias)", key)
+    if m:
+      sub = {("1", "0"): "layer1_norm", ("1", "1"): "layer1_linear", ("2", "0"): "layer2_linear0",
+             ("2", "2"): "layer2_linear1", ("2", "4"): "layer2_linear2"}.get((m.group(1), m.group(2)))
+      if sub is None:
+        return None
+      name, fn = _param_kind(leaf, ndim)
+      return "params", ("mask_predictor", sub, name), fn
+    m = re.fullmatch(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m:
+      layer = f"{m.group(1)}_layers_{m.group(2)}"
+      mod = m.group(3).split(".")
+      name, fn = _param_kind(leaf, ndim)
+      return "params", (layer, *mod, name), fn
+    m = re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", key)
+    if m:
+      return ("params", (f"decoder_layers_{m.group(1)}", "self_attn", "in_proj_" + ("kernel" if ndim == 2 else "bias")),
+              _linear if ndim == 2 else _same)
+    m = re.fullmatch(r"transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)", key)
+    if m:
+      name, fn = _param_kind(leaf, ndim)
+      return "params", (m.group(1), name), fn
+    if key.startswith("backbone.0.body."):
+      return self.backbone(parts[3:], ndim)
+    return None
+
+  def backbone(self, parts, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
+    """ResNet-50 (torchvision names) -> backbone/...; frozen BN tensors go to `batch_stats`."""
+    if self.c.backbone != "resnet50":
+      return None
+    if parts[0].startswith("layer"):
+      block, rest = f"{parts[0]}_{parts[1]}", parts[2:]
+      if rest[0] == "downsample":
+        rest = ["downsample_conv" if rest[1] == "0" else "downsample_bn"] + rest[2:]
+      path = ("backbone", block, rest[0])
+    else:
+      path, rest = ("backbone", parts[0]), parts
+    leaf = rest[-1]
+    if "bn" in path[-1]:
+      return "batch_stats", path + (leaf,), _same
+    if leaf == "weight" and ndim == 4:
+      return "params", path + ("kernel",), _conv
+    return None
+
+
+def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+  """Read an official .pth safely: (state_dict as float32 numpy, args as dict or None)."""
+  import torch  # pylint: disable=import-outside-toplevel  (the `convert` extra)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint file")
+  torch.serialization.add_safe_globals([argparse.Namespace])
+  try:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(f"{path}: refused to load: it holds objects other than tensors and argparse.Namespace, "
+                     f"which could run code; only weights-only checkpoints are accepted ({e})") from None
+  if isinstance(ckpt, dict) and "model" in ckpt:
+    sd, args = ckpt["model"], ckpt.get("args")
+  elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    sd, args = ckpt, None
+  else:
+    raise ValueError(f"{path}: expected {{'model': state_dict, 'args': Namespace}} or a bare state_dict")
+  state = {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+  return state, (vars(args) if isinstance(args, argparse.Namespace) else args)
+
+
+def config_from_args(args: Dict[str, Any], state: Dict[str, np.ndarray]) -> ml_collections.ConfigDict:
+  """Model config from the official argparse values (and the class count from the head's shape)."""
+  missing = [k for k in ARCH_ARGS if k not in args]
+  if missing:
+    raise ValueError(f"checkpoint args: missing fields {missing}")
+  if args.get("dilation"):
+    raise ValueError("checkpoint args.dilation: dilated ResNet (DC5) models are not supported")
+  if args.get("masks"):
+    raise ValueError("checkpoint args.masks: segmentation models are not supported")
+  c = config_lib.model_config(**{k: args[k] for k in ARCH_ARGS})
+  c.rho = float(c.rho or 0.0)
+  if "class_embed.0.weight" in state:
+    c.num_classes = int(state["class_embed.0.weight"].shape[0])
+  return c
+
+
+def convert_state_dict(state: Dict[str, np.ndarray], c: ml_collections.ConfigDict,
+                       skip: Callable[[str], bool] = lambda k: False) -> Dict[str, Any]:
+  """Official state_dict -> Flax variables {'params': ..., 'batch_stats': ...} checked against the model."""
+  mapper = _KeyMapper(c)
+  flat: Dict[Tuple[str, ...], np.ndarray] = {}
+  source: Dict[Tuple[str, ...], str] = {}
+  unknown, conflicts = [], []
+  for key, value in state.items():
+    if key.endswith("num_batches_tracked") or skip(key):
+      continue
+    target = mapper(key, value.ndim)
+    if target is None:
+      unknown.append(key)
+      continue
+    coll, path, fn = target
+    full = (coll,) + path
+    arr = np.ascontiguousarray(fn(value))
+    if full in flat:
+      if flat[full].shape != arr.shape or not np.array_equal(flat[full], arr):
+        conflicts.append(f"{key} != {source[full]}")
+      continue
+    flat[full], source[full] = arr, key
+  model = build_model(c)
+  expected = traverse_util.flatten_dict(variable_shapes(model))
+  expected = {k: v for k, v in expected.items() if not skip_path(k, skip)}
+  missing = sorted("/".join(k) for k in expected if k not in flat)
+  extra = sorted(source[k] for k in flat if k not in expected)
+  bad_shape = sorted(f"{source[k]}: {flat[k].shape} vs {expected[k].shape}" for k in flat
+                     if k in expected and flat[k].shape != expected[k].shape)
+  problems = [f"{name}: {items}" for name, items in (("unknown keys", unknown), ("keys with no Flax variable", extra),
+                                                       ("missing Flax variables", missing), ("shape mismatches", bad_shape),
+                                                       ("aliases that differ", conflicts)) if items]
+  if problems:
+    raise ValueError("official state_dict does not match the model:\n  " + "\n  ".join(problems))
+  return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+
+
+def skip_path(path: Tuple[str, ...], skip: Callable[[str], bool]) -> bool:
+  """Whether a Flax path belongs to a module the caller re-initialises (class heads when re-heading)."""
+  return skip("class_embed.") and any(p.startswith("class_embed_") for p in path)
+
+
+def load_official(path: str, num_classes: Optional[int] = None, seed: int = 0
+                  ) -> Tuple[SparseDETR, Dict[str, Any], ml_collections.ConfigDict]:
+  """Load an official checkpoint: (model, variables, config).
+
+  num_classes: to fine-tune on another dataset, the class heads are dropped and re-initialised (official
+  init, rng `seed`) for this many classes; every other weight comes from the checkpoint.
+  """
+  state, args = read_checkpoint(path)
+  if args is None:
+    raise ValueError(f"{path}: the checkpoint has no 'args', so its architecture is unknown")
+  c = config_from_args(args, state)
+  reinit = num_classes is not None and num_classes != c.num_classes
+  if reinit:
+    c.num_classes = int(num_classes)
+  skip = (lambda k: "class_embed." in k) if reinit else (lambda k: False)
+  variables = convert_state_dict(state, c, skip)
+  model = build_model(c)
+  if reinit:
+    fresh = init_variables(model, jax.random.PRNGKey(seed))
+    for name, value in fresh["params"].items():
+      if name.startswith("class_embed_"):
+        variables["params"][name] = value
+  return model, variables, c
+
+
+def save(out_dir: str, variables: Dict[str, Any], c: ml_collections.ConfigDict) -> None:
+  """Write variables as an Orbax checkpoint (OUT_DIR/variables) and the model config (OUT_DIR/config.json)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(out_dir, "variables"), variables, force=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(c.to_dict(), f, indent=2, sort_keys=True)
+
+
+def load_converted(out_dir: str) -> Tuple[SparseDETR, Dict[str, Any], ml_collections.ConfigDict]:
+  """Read what `save` wrote: (model, variables, config)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  out_dir = os.path.abspath(out_dir)
+  cfg_path = os.path.join(out_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{cfg_path}: not found; expected a directory written by sparse_detr_jax.convert")
+  with open(cfg_path) as f:
+    c = config_lib.model_config(**json.load(f))
+  model = build_model(c)
+  template = variable_shapes(model)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(os.path.join(out_dir, "variables"), template)
+  return model, variables, c
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("checkpoint", help="official .pth checkpoint")
+  p.add_argument("out_dir", help="output directory (Orbax checkpoint + config.json)")
+  p.add_argument("--num_classes", type=int, default=None, help="re-initialise the class heads for this many classes")
+  a = p.parse_args(argv)
+  _, variables, c = load_official(a.checkpoint, a.num_classes)
+  save(a.out_dir, variables, c)
+  n = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+  print(f"wrote {a.out_dir}: {n / 1e6:.2f}M parameters, backbone {c.backbone}, rho {c.rho}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,133 @@
+"""Multi-scale deformable attention (Zhu et al.), by gather-based bilinear sampling.
+
+`deformable_sample` equals the official `ms_deform_attn_core_pytorch` (grid_sample with
+align_corners=False, zero padding): every sampling point reads its 4 neighbouring value tokens; the
+bilinear weights and the attention weight are folded into one weight per corner, and all levels are
+read with one packed gather from the flat (all-level) value tensor.
+"""
+import math
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_detr_jax import layers
+
+SpatialShapes = Sequence[Tuple[int, int]]
+
+
+def level_start_index(spatial_shapes: SpatialShapes) -> np.ndarray:
+  """Offset of each level in the flat token axis: (L,) int."""
+  sizes = [h * w for h, w in spatial_shapes]
+  return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+
+
+def corner_indices_and_weights(spatial_shapes: SpatialShapes, locations: jnp.ndarray,
+                               weights: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Flat token index and folded weight of each bilinear corner of each sampling point.
+
+  locations: (..., L, P, 2) normalised (x, y) in the padded canvas; weights: (..., L, P).
+  Returns idx (..., L, P, 4) int32 into the all-level token axis, and w (..., L, P, 4) with
+  w = weight * bilinear share, 0 for corners outside their level.
+  """
+  hw = np.asarray(spatial_shapes, np.float32)                        # (L, 2)
+  h = jnp.asarray(hw[:, 0])[:, None]                                  # (L, 1)
+  w = jnp.asarray(hw[:, 1])[:, None]
+  start = jnp.asarray(level_start_index(spatial_shapes))[:, None]    # (L, 1)
+  # grid_sample(align_corners=False): pixel coordinate = loc * size - 0.5.
+  x = locations[..., 0] * w - 0.5                                     # (..., L, P)
+  y = locations[..., 1] * h - 0.5
+  x0 = jnp.floor(x)
+  y0 = jnp.floor(y)
+  fx = x - x0
+  fy = y - y0
+  idx, wts = [], []
+  for dy, dx, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)),
+                        (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+    xi = x0 + dx
+    yi = y0 + dy
+    inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+    flat = start + jnp.clip(yi, 0, h - 1).astype(jnp.int32) * w.astype(jnp.int32) \
+        + jnp.clip(xi, 0, w - 1).astype(jnp.int32)
+    idx.append(flat)
+    wts.append(jnp.where(inside, share * weights, 0.0))
+  return jnp.stack(idx, -1), jnp.stack(wts, -1)
+
+
+def deformable_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes, locations: jnp.ndarray,
+                      attention_weights: jnp.ndarray) -> jnp.ndarray:
+  """Attention-weighted bilinear sampling of a multi-level value map.
+
+  value: (B, N, M, D) with N = sum(h_l * w_l); locations: (B, Q, M, L, P, 2); attention_weights:
+  (B, Q, M, L, P). Returns (B, Q, M * D).
+  """
+  b, n, m, d = value.shape
+  q = locations.shape[1]
+  idx, wts = corner_indices_and_weights(spatial_shapes, locations, attention_weights)  # (B, Q, M, L, P, 4)
+  idx = jnp.moveaxis(idx, 2, 1).reshape(b, m, -1)                   # (B, M, Q*L*P*4)
+  wts = jnp.moveaxis(wts, 2, 1).reshape(b, m, q, -1)                # (B, M, Q, L*P*4)
+  value = jnp.moveaxis(value, 2, 1)                                 # (B, M, N, D)
+  gathered = jax.vmap(jax.vmap(lambda v, i: v[i]))(value, idx)      # (B, M, Q*L*P*4, D)
+  gathered = gathered.reshape(b, m, q, -1, d)                       # (B, M, Q, L*P*4, D)
+  out = jnp.einsum("bmqk,bmqkd->bqmd", wts.astype(value.dtype), gathered)  # (B, Q, M, D)
+  return out.reshape(b, q, m * d)
+
+
+def sampling_offset_bias_init(n_heads: int, n_levels: int, n_points: int):
+  """The official offset init: head h points along angle 2*pi*h/M, point p at distance p + 1."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    thetas = np.arange(n_heads, dtype=np.float32) * (2.0 * math.pi / n_heads)
+    grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
+    grid = grid / np.abs(grid).max(-1, keepdims=True)
+    grid = np.tile(grid[:, None, None, :], (1, n_levels, n_points, 1))
+    grid = grid * np.arange(1, n_points + 1, dtype=np.float32)[None, None, :, None]
+    return jnp.asarray(grid.reshape(shape), dtype)
+  return init
+
+
+class MSDeformAttn(nn.Module):
+  """Multi-scale deformable attention with 2-d (point) or 4-d (box) reference points."""
+  d_model: int = 256
+  n_levels: int = 4
+  n_heads: int = 8
+  n_points: int = 4
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, query: jnp.ndarray, reference_points: jnp.ndarray, value_in: jnp.ndarray,
+               spatial_shapes: SpatialShapes, value_padding_mask: jnp.ndarray
+               ) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """query (B, Q, C); reference_points (B, Q, L, 2 or 4) in [0, 1] of the padded canvas;
+    value_in (B, N, C); value_padding_mask (B, N) True on padding.
+
+    Returns output (B, Q, C), sampling locations (B, Q, M, L, P, 2), attention weights (B, Q, M, L, P).
+    """
+    b, q, _ = query.shape
+    n = value_in.shape[1]
+    m, l, p = self.n_heads, self.n_levels, self.n_points
+    value = layers.Linear(self.d_model, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros,
+                          dtype=self.dtype, name="value_proj")(value_in)
+    value = jnp.where(value_padding_mask[..., None], 0.0, value).reshape(b, n, m, self.d_model // m)
+    offsets = layers.Linear(m * l * p * 2, kernel_init=nn.initializers.zeros,
+                            bias_init=sampling_offset_bias_init(m, l, p), dtype=self.dtype,
+                            name="sampling_offsets")(query)
+    offsets = offsets.astype(jnp.float32).reshape(b, q, m, l, p, 2)
+    logits = layers.Linear(m * l * p, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
+                           dtype=self.dtype, name="attention_weights")(query)
+    weights = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, q, m, l * p), -1).reshape(b, q, m, l, p)
+    ref = reference_points[:, :, None, :, None, :]                     # (B, Q, 1, L, 1, 2|4)
+    if reference_points.shape[-1] == 2:
+      hw = np.asarray(spatial_shapes, np.float32)
+      normalizer = jnp.asarray(np.stack([hw[:, 1], hw[:, 0]], -1))[None, None, None, :, None, :]
+      locations = ref + offsets / normalizer
+    elif reference_points.shape[-1] == 4:
+      locations = ref[..., :2] + offsets / p * ref[..., 2:] * 0.5
+    else:
+      raise ValueError(f"reference_points: last dim must be 2 or 4, got {reference_points.shape[-1]}")
+    out = deformable_sample(value, spatial_shapes, locations, weights.astype(value.dtype))  # (B, Q, C)
+    out = layers.Linear(self.d_model, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros,
+                        dtype=self.dtype, name="output_proj")(out)
+    return out, locations, weights

@@ -1,0 +1,31 @@
+"""Shared test set-up: the official fixtures directory and JAX's persistent compilation cache."""
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get("SPARSE_DETR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
+REQUIRE_FIXTURES = os.environ.get("SPARSE_DETR_REQUIRE_FIXTURES", "") == "1"
+
+jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", str(ROOT / ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def official(name: str) -> pathlib.Path:
+  """Path of an official fixture file; skip (or fail, with SPARSE_DETR_REQUIRE_FIXTURES=1) when absent."""
+  path = FIXTURES / name
+  if not path.exists():
+    msg = (f"official fixture {path} not found: set SPARSE_DETR_FIXTURES to the directory holding the "
+           f"official PyTorch outputs (default ../shared/fixtures/official)")
+    if REQUIRE_FIXTURES:
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
+def load_npz(name: str) -> dict:
+  with np.load(official(name + ".npz")) as d:
+    return {k: d[k] for k in d.files}

@@ -1,0 +1,128 @@
+"""Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_detr_jax.deformable_attention import MSDeformAttn, deformable_sample
+
+SHAPES = ((5, 7), (3, 4), (2, 2), (1, 1))
+
+
+def numpy_reference(value, shapes, locs, weights):
+  """Per point: pixel (loc * size - 0.5), 4 corners, bilinear weights, zero outside the level."""
+  b, n, m, d = value.shape
+  _, q, _, nl, p, _ = locs.shape
+  out = np.zeros((b, q, m, d), np.float64)
+  starts = np.cumsum([0] + [h * w for h, w in shapes])
+  for bi, qi, mi, li, pi in itertools.product(range(b), range(q), range(m), range(nl), range(p)):
+    h, w = shapes[li]
+    x = locs[bi, qi, mi, li, pi, 0] * w - 0.5
+    y = locs[bi, qi, mi, li, pi, 1] * h - 0.5
+    x0, y0 = int(np.floor(x)), int(np.floor(y))
+    for xi, yi in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+      if 0 <= xi < w and 0 <= yi < h:
+        share = (1 - abs(x - xi)) * (1 - abs(y - yi))
+        out[bi, qi, mi] += weights[bi, qi, mi, li, pi] * share * value[bi, starts[li] + yi * w + xi, mi]
+  return out.reshape(b, q, m * d)
+
+
+def _inputs(seed=0, q=6, m=2, d=3, p=3):
+  rng = np.random.default_rng(seed)
+  n = sum(h * w for h, w in SHAPES)
+  value = rng.normal(size=(2, n, m, d)).astype(np.float32)
+  # Inside, outside (< 0 and > 1), exactly on borders and on pixel centres.
+  locs = rng.uniform(-0.3, 1.3, size=(2, q, m, len(SHAPES), p, 2)).astype(np.float32)
+  locs[0, 0, :, :, 0] = 0.0
+  locs[0, 1, :, :, 0] = 1.0
+  for li, (h, w) in enumerate(SHAPES):
+    locs[1, 0, :, li, 0] = [(0 + 0.5) / w, (h - 1 + 0.5) / h]  # a pixel centre: exactly one corner
+  weights = rng.uniform(size=(2, q, m, len(SHAPES), p)).astype(np.float32)
+  return value, locs, weights
+
+
+def test_matches_numpy_bilinear_reference():
+  value, locs, weights = _inputs()
+  got = jax.jit(deformable_sample, static_argnums=1)(value, SHAPES, locs, weights)
+  np.testing.assert_allclose(np.asarray(got), numpy_reference(value, SHAPES, locs, weights), atol=1e-5)
+
+
+def test_points_outside_every_level_read_zero():
+  value, locs, weights = _inputs()
+  locs = np.full_like(locs, -0.75)  # far outside: no corner inside
+  got = deformable_sample(value, SHAPES, locs, weights)
+  assert np.all(np.asarray(got) == 0.0)
+
+
+def test_matches_torch_grid_sample():
+  torch = pytest.importorskip("torch")
+  F = torch.nn.functional
+  value, locs, weights = _inputs(seed=1)
+  b, n, m, d = value.shape
+  q, p = locs.shape[1], locs.shape[4]
+  starts = np.cumsum([0] + [h * w for h, w in SHAPES])
+  expected = 0
+  for li, (h, w) in enumerate(SHAPES):
+    v = torch.from_numpy(value[:, starts[li]:starts[li + 1]]).permute(0, 2, 3, 1).reshape(b * m, d, h, w)
+    g = torch.from_numpy(2 * locs[:, :, :, li] - 1).permute(0, 2, 1, 3, 4).reshape(b * m, q, p, 2)
+    s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, D, Q, P)
+    wl = torch.from_numpy(weights[:, :, :, li]).permute(0, 2, 1, 3).reshape(b * m, 1, q, p)
+    expected = expected + (s * wl).sum(-1)
+  expected = expected.reshape(b, m, d, q).permute(0, 3, 1, 2).reshape(b, q, m * d).numpy()
+  got = deformable_sample(value, SHAPES, locs, weights)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+
+def test_gradients_match_numpy_finite_differences():
+  value, locs, weights = _inputs(seed=2, q=2, p=2)
+  f = lambda v, w: jnp.sum(deformable_sample(v, SHAPES, locs, w) ** 2)
+  gv, gw = jax.grad(f, argnums=(0, 1))(value, weights)
+  ref = lambda v, w: np.sum(numpy_reference(v, SHAPES, locs, w) ** 2)
+  eps = 1e-3
+  for idx in [(0, 3, 1, 2), (1, 40, 0, 0), (0, 0, 0, 1)]:
+    vp, vm = value.astype(np.float64).copy(), value.astype(np.float64).copy()
+    vp[idx] += eps
+    vm[idx] -= eps
+    np.testing.assert_allclose(gv[idx], (ref(vp, weights) - ref(vm, weights)) / (2 * eps), rtol=1e-3, atol=1e-4)
+  for idx in [(0, 1, 1, 2, 1), (1, 0, 0, 0, 0)]:
+    wp, wm = weights.astype(np.float64).copy(), weights.astype(np.float64).copy()
+    wp[idx] += eps
+    wm[idx] -= eps
+    np.testing.assert_allclose(gw[idx], (ref(value, wp) - ref(value, wm)) / (2 * eps), rtol=1e-3, atol=1e-4)
+
+
+def test_padded_value_tokens_are_never_read():
+  """MSDeformAttn zeroes padded value tokens: changing them changes nothing."""
+  rng = np.random.default_rng(3)
+  n = sum(h * w for h, w in SHAPES)
+  mod = MSDeformAttn(d_model=32, n_levels=4, n_heads=4, n_points=2)
+  query = jnp.asarray(rng.normal(size=(1, 5, 32)), jnp.float32)
+  ref = jnp.asarray(rng.uniform(size=(1, 5, 4, 2)), jnp.float32)
+  value = rng.normal(size=(1, n, 32)).astype(np.float32)
+  pad = np.zeros((1, n), bool)
+  pad[0, ::3] = True
+  params = mod.init(jax.random.PRNGKey(0), query, ref, value, SHAPES, pad)
+  # Random offsets so the points spread over the maps.
+  params = jax.tree_util.tree_map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+  out1 = mod.apply(params, query, ref, value, SHAPES, pad)[0]
+  value2 = np.where(pad[..., None], 1e3, value).astype(np.float32)
+  out2 = mod.apply(params, query, ref, value2, SHAPES, pad)[0]
+  np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
+  out3 = mod.apply(params, query, ref, value2, SHAPES, np.zeros_like(pad))[0]
+  assert not np.allclose(np.asarray(out1), np.asarray(out3))
+
+
+def test_box_reference_points_scale_offsets_by_box_size():
+  """4-d references: location = centre + offset / n_points * size / 2."""
+  mod = MSDeformAttn(d_model=16, n_levels=1, n_heads=2, n_points=2)
+  shapes = ((4, 4),)
+  query = jnp.zeros((1, 1, 16))
+  ref = jnp.asarray([[[[0.5, 0.25, 0.2, 0.4]]]], jnp.float32)  # (B, Q, L, 4)
+  value = jnp.ones((1, 16, 16))
+  params = mod.init(jax.random.PRNGKey(0), query, ref, value, shapes, jnp.zeros((1, 16), bool))
+  _, locs, _ = mod.apply(params, query, ref, value, shapes, jnp.zeros((1, 16), bool))
+  bias = np.asarray(params["params"]["sampling_offsets"]["bias"]).reshape(2, 1, 2, 2)
+  expected = np.array([0.5, 0.25]) + bias / 2 * np.array([0.2, 0.4]) * 0.5
+  np.testing.assert_allclose(np.asarray(locs)[0, 0], expected, atol=1e-6)
