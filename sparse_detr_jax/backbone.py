@@ -1,4 +1,4 @@
-"""Backbones: ResNet-50 with frozen BatchNorm (torchvision layout) and the official `none` identity backbone.
+"""Backbones: ResNet-50 with frozen BatchNorm (torchvision layout), Swin (swin.py) and the official `none` backbone.
 
 A backbone maps normalised images (B, H, W, 3) to a list of feature maps (B, h_l, w_l, C_l) and their
 channel counts; masks of each level come from `resize_mask` (the official nearest-neighbour resize).
@@ -8,6 +8,8 @@ from typing import Any, List, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
+from sparse_detr_jax.swin import SwinTransformer
 
 BN_EPS = 1e-5
 RESNET50_STAGES = (3, 4, 6, 3)           # bottleneck blocks per stage
@@ -74,7 +76,8 @@ class ResNet50(nn.Module):
   num_channels: Sequence[int] = RESNET50_OUT_CHANNELS
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> List[jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> List[jnp.ndarray]:
+    del train  # frozen BatchNorm, no dropout
     x = nn.relu(FrozenBatchNorm(name="bn1")(_conv(64, 7, 2, "conv1", self.dtype)(x)))   # (B, H/2, W/2, 64)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))              # (B, H/4, W/4, 64)
     outs = []
@@ -92,15 +95,18 @@ class IdentityBackbone(nn.Module):
   """The official `--backbone none`: the normalised image itself is the only backbone level (3 channels)."""
   num_channels: Sequence[int] = (3,)
 
-  def __call__(self, x: jnp.ndarray) -> List[jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> List[jnp.ndarray]:
     return [x]
 
 
-def build_backbone(name: str, dtype: Any = None) -> nn.Module:
-  if name == "resnet50":
+def build_backbone(c, dtype: Any = None) -> nn.Module:
+  """The backbone named by model config `c` (`c.backbone`, and `c.swin` for Swin)."""
+  if c.backbone == "resnet50":
     return ResNet50(dtype=dtype, name="backbone")
-  if name == "none":
+  if c.backbone == "none":
     return IdentityBackbone(name="backbone")
-  if name == "swin-t":
-    raise NotImplementedError("model.backbone 'swin-t': the Swin backbone is not implemented yet (issue 6)")
-  raise ValueError(f"model.backbone: unknown backbone {name!r}")
+  if c.backbone == "swin-t":
+    s = c.swin
+    return SwinTransformer(s.embed_dim, tuple(s.depths), tuple(s.num_heads), s.window_size, s.drop_path_rate,
+                           dtype=dtype, name="backbone")
+  raise ValueError(f"model.backbone: unknown backbone {c.backbone!r}")

@@ -33,6 +33,9 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.rho = 0.1                        # share of encoder tokens updated by the encoder (0 = dense)
   c.aux_loss = True
   c.dtype = "float32"                # compute dtype; parameters stay float32
+  # Swin backbone shape (used when backbone == 'swin-t'); swin-t defaults, as the official yaml.
+  c.swin = ml_collections.ConfigDict(dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                                          window_size=7, drop_path_rate=0.2))
   c.update(overrides)
   return c
 

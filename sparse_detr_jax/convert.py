@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from sparse_detr_jax import config as config_lib
+from sparse_detr_jax.swin import relative_position_index
 from sparse_detr_jax.model import (SparseDETR, build_model, heads_are_cloned, init_variables, num_prediction_heads,
                                    variable_shapes)
 
@@ -58,7 +59,7 @@ def _param_kind(leaf: str, ndim: int) -> Tuple[str, Callable[[np.ndarray], np.nd
   return "scale", _same  # LayerNorm / GroupNorm weight
 
 
-class _KeyMapper:
+class KeyMapper:
   """Maps official state_dict keys to (collection, flax path, transform) for one model config."""
 
   def __init__(self, c: ml_collections.ConfigDict):
@@ -123,7 +124,9 @@ class _KeyMapper:
     return None
 
   def backbone(self, parts, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
-    """ResNet-50 (torchvision names) -> backbone/...; frozen BN tensors go to `batch_stats`."""
+    """ResNet-50 (torchvision names; frozen BN tensors go to `batch_stats`) or Swin -> backbone/..."""
+    if self.c.backbone == "swin-t":
+      return self.swin(parts, ndim)
     if self.c.backbone != "resnet50":
       return None
     if parts[0].startswith("layer"):
@@ -139,6 +142,47 @@ class _KeyMapper:
     if leaf == "weight" and ndim == 4:
       return "params", path + ("kernel",), _conv
     return None
+
+
+  @staticmethod
+  def swin(parts, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
+    """Official Swin names: layers.i.blocks.j.X / layers.i.downsample.X / patch_embed.X / normI."""
+    name = ".".join(parts[:-1])
+    leaf = parts[-1]
+    m = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", name)
+    if m:
+      mod = m.group(3).replace("mlp.", "mlp_").split(".")
+      path = (f"layers_{m.group(1)}_blocks_{m.group(2)}", *mod)
+    elif re.fullmatch(r"layers\.\d+\.downsample\.(norm|reduction)", name):
+      i, sub = parts[1], parts[3]
+      if sub == "reduction":
+        return "params", ("backbone", f"layers_{i}_downsample", "reduction_kernel"), _linear
+      path = ("backbone", f"layers_{i}_downsample", "norm")
+      return ("params", path + _param_kind(leaf, ndim)[:1], _param_kind(leaf, ndim)[1])
+    elif name in ("patch_embed.proj", "patch_embed.norm") or re.fullmatch(r"norm\d", name):
+      path = (name.replace(".", "_"),)
+    elif leaf == "relative_position_bias_table":
+      path = ()
+    else:
+      return None
+    if leaf == "relative_position_bias_table":
+      return "params", ("backbone", *path, leaf), _same
+    kind, fn = _param_kind(leaf, ndim)
+    return "params", ("backbone", *path, kind), fn
+
+
+def swin_config_from_state(state: Dict[str, np.ndarray]) -> Dict[str, Any]:
+  """Swin widths, depths, heads and window size read off a state_dict's tensor shapes."""
+  pre = "backbone.0.body."
+  embed = int(state[pre + "patch_embed.proj.weight"].shape[0])
+  depths, heads = [], []
+  while any(k.startswith(f"{pre}layers.{len(depths)}.") for k in state):
+    i = len(depths)
+    depths.append(len({k.split(".")[6] for k in state if k.startswith(f"{pre}layers.{i}.blocks.")}))
+    heads.append(int(state[f"{pre}layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]))
+  table = state[f"{pre}layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+  window = (int(round(table ** 0.5)) + 1) // 2
+  return dict(embed_dim=embed, depths=tuple(depths), num_heads=tuple(heads), window_size=window)
 
 
 def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
@@ -173,6 +217,8 @@ def config_from_args(args: Dict[str, Any], state: Dict[str, np.ndarray]) -> ml_c
     raise ValueError("checkpoint args.masks: segmentation models are not supported")
   c = config_lib.model_config(**{k: args[k] for k in ARCH_ARGS})
   c.rho = float(c.rho or 0.0)
+  if c.backbone == "swin-t":
+    c.swin.update(swin_config_from_state(state))
   if "class_embed.0.weight" in state:
     c.num_classes = int(state["class_embed.0.weight"].shape[0])
   return c
@@ -181,12 +227,16 @@ def config_from_args(args: Dict[str, Any], state: Dict[str, np.ndarray]) -> ml_c
 def convert_state_dict(state: Dict[str, np.ndarray], c: ml_collections.ConfigDict,
                        skip: Callable[[str], bool] = lambda k: False) -> Dict[str, Any]:
   """Official state_dict -> Flax variables {'params': ..., 'batch_stats': ...} checked against the model."""
-  mapper = _KeyMapper(c)
+  mapper = KeyMapper(c)
   flat: Dict[Tuple[str, ...], np.ndarray] = {}
   source: Dict[Tuple[str, ...], str] = {}
   unknown, conflicts = [], []
   for key, value in state.items():
     if key.endswith("num_batches_tracked") or skip(key):
+      continue
+    if key.endswith("relative_position_index"):  # a buffer we compute: it must be the one we compute
+      if c.backbone != "swin-t" or not np.array_equal(value, relative_position_index(c.swin.window_size)):
+        conflicts.append(f"{key} is not the relative position index of window {c.swin.window_size}")
       continue
     target = mapper(key, value.ndim)
     if target is None:
@@ -264,7 +314,10 @@ def load_converted(out_dir: str) -> Tuple[SparseDETR, Dict[str, Any], ml_collect
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: not found; expected a directory written by sparse_detr_jax.convert")
   with open(cfg_path) as f:
-    c = config_lib.model_config(**json.load(f))
+    saved = json.load(f)
+  if "swin" in saved:  # JSON turned the tuples into lists
+    saved["swin"] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["swin"].items()}
+  c = config_lib.model_config(**saved)
   model = build_model(c)
   template = variable_shapes(model)
   with ocp.StandardCheckpointer() as ckptr:

@@ -24,11 +24,13 @@ def level_start_index(spatial_shapes: SpatialShapes) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
 
 
-def corner_indices_and_weights(spatial_shapes: SpatialShapes, locations: jnp.ndarray,
-                               weights: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def corner_indices_and_weights(spatial_shapes: SpatialShapes, locations: jnp.ndarray, weights: jnp.ndarray,
+                               pixel_offset: float = 0.5) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Flat token index and folded weight of each bilinear corner of each sampling point.
 
   locations: (..., L, P, 2) normalised (x, y) in the padded canvas; weights: (..., L, P).
+  pixel coordinate = loc * size - pixel_offset: 0.5 is grid_sample(align_corners=False); the
+  official DAM uses 0 (no half-pixel shift).
   Returns idx (..., L, P, 4) int32 into the all-level token axis, and w (..., L, P, 4) with
   w = weight * bilinear share, 0 for corners outside their level.
   """
@@ -36,9 +38,8 @@ def corner_indices_and_weights(spatial_shapes: SpatialShapes, locations: jnp.nda
   h = jnp.asarray(hw[:, 0])[:, None]                                  # (L, 1)
   w = jnp.asarray(hw[:, 1])[:, None]
   start = jnp.asarray(level_start_index(spatial_shapes))[:, None]    # (L, 1)
-  # grid_sample(align_corners=False): pixel coordinate = loc * size - 0.5.
-  x = locations[..., 0] * w - 0.5                                     # (..., L, P)
-  y = locations[..., 1] * h - 0.5
+  x = locations[..., 0] * w - pixel_offset                            # (..., L, P)
+  y = locations[..., 1] * h - pixel_offset
   x0 = jnp.floor(x)
   y0 = jnp.floor(y)
   fx = x - x0

@@ -58,7 +58,7 @@ class SparseDETR(nn.Module):
     c = self.config
     config_lib.validate(c)
     dt = jnp.dtype(c.dtype)
-    self.backbone = build_backbone(c.backbone, dt)
+    self.backbone = build_backbone(c, dt)
     n_backbone = len(self.backbone.num_channels)
     self.input_proj = [InputProjection(c.hidden_dim, downsample=l >= n_backbone, dtype=dt)
                        for l in range(c.num_feature_levels)]
@@ -118,7 +118,7 @@ class SparseDETR(nn.Module):
     b = images.shape[0]
 
     # Multi-scale features, masks and positions.
-    feats = self.backbone(images.astype(dt))
+    feats = self.backbone(images.astype(dt), train)
     srcs, masks = [], []
     for l in range(c.num_feature_levels):
       src = self.input_proj[l](feats[l] if l < len(feats) else (feats[-1] if l == len(feats) else srcs[-1]))

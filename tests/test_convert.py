@@ -11,8 +11,10 @@ import pytest
 
 from conftest import FIXTURES, official
 from sparse_detr_jax import convert
+from sparse_detr_jax.swin import relative_position_index
 
-R50_MANIFESTS = ["r50_sparse_detr_rho_0.1", "r50_deformable_detr", "r50_deformable_detr_topk_bbr"]
+MANIFESTS = ["r50_sparse_detr_rho_0.1", "r50_deformable_detr", "r50_deformable_detr_topk_bbr",
+             "swint_sparse_detr_rho_0.1"]
 
 
 def _manifest(name):
@@ -20,16 +22,24 @@ def _manifest(name):
     return json.load(f)
 
 
-@pytest.mark.parametrize("name", R50_MANIFESTS)
-def test_full_published_r50_configurations_convert_with_nothing_left_over(name):
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_full_published_configurations_convert_with_nothing_left_over(name):
   man = _manifest(name)
   state = {k: np.zeros(shape, np.float32) for k, shape in man["state_dict"].items()}
+  for k in state:
+    if k.endswith("relative_position_index"):   # a computed buffer: the checkpoint holds the true index
+      state[k] = relative_position_index(int(round(state[k].shape[0] ** 0.5)))
   cfg = convert.config_from_args(man["args"], state)
   variables = convert.convert_state_dict(state, cfg)  # raises on unknown / missing / mis-shaped keys
+  if cfg.backbone == "swin-t":
+    assert (cfg.swin.embed_dim, tuple(cfg.swin.depths), tuple(cfg.swin.num_heads), cfg.swin.window_size) == \
+        (96, (2, 2, 6, 2), (3, 6, 12, 24), 7)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  n_frozen = sum(x.size for x in jax.tree_util.tree_leaves(variables["batch_stats"]))
+  n_frozen = sum(x.size for x in jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
   unique = {}
   for k, shape in man["state_dict"].items():   # aliases (shared or re-registered heads) count once
+    if k.endswith("relative_position_index"):
+      continue
     if not k.startswith("transformer.decoder.class_embed") and not k.startswith("transformer.decoder.bbox_embed") \
         and not k.startswith("transformer.encoder.class_embed") and not k.startswith("transformer.encoder.bbox_embed"):
       unique[k] = int(np.prod(shape))
@@ -85,10 +95,23 @@ def test_reinitialised_class_heads_for_another_dataset():
   assert out["pred_logits"].shape == (1, cfg.num_queries, 5)
 
 
-def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path):
-  path = str(official("tiny_deformable.pth"))
+@pytest.mark.parametrize("name", ["tiny_deformable", "swin_sparse"])
+def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path, name):
+  path = str(official(name + ".pth"))
   convert.main([path, str(tmp_path / "out")])
   model, v, cfg = convert.load_converted(str(tmp_path / "out"))
   _, ref, ref_cfg = convert.load_official(path)
   assert cfg.to_dict() == ref_cfg.to_dict()
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), v, ref)
+
+
+def test_swin_width_and_depth_are_read_off_the_checkpoint():
+  state, args = convert.read_checkpoint(str(official("swin_sparse.pth")))
+  cfg = convert.config_from_args(args, state)
+  assert (cfg.swin.embed_dim, tuple(cfg.swin.depths), tuple(cfg.swin.num_heads), cfg.swin.window_size) == \
+      (48, (2, 2, 2, 2), (3, 6, 12, 24), 7)
+  bad = dict(state)
+  key = "backbone.0.body.layers.0.blocks.0.attn.relative_position_index"
+  bad[key] = bad[key][::-1].copy()
+  with pytest.raises(ValueError, match="relative position index"):
+    convert.convert_state_dict(bad, cfg)

@@ -26,7 +26,7 @@ def _close(got, want, what):
   np.testing.assert_allclose(np.where(both_inf, 0, got), np.where(both_inf, 0, want), atol=ATOL, rtol=0, err_msg=what)
 
 
-@pytest.mark.parametrize("name", ["tiny_sparse", "tiny_deformable", "r50_sparse"])
+@pytest.mark.parametrize("name", ["tiny_sparse", "tiny_deformable", "r50_sparse", "swin_sparse"])
 def test_forward_matches_official(name):
   out, d, cfg = _run_official(name)
   _close(out["pred_logits"], d["pred_logits"], "pred_logits")
@@ -42,7 +42,7 @@ def test_forward_matches_official(name):
   np.testing.assert_array_equal(out["spatial_shapes"], d["spatial_shapes"])
 
 
-@pytest.mark.parametrize("name", ["tiny_sparse", "tiny_deformable", "r50_sparse"])
+@pytest.mark.parametrize("name", ["tiny_sparse", "tiny_deformable", "r50_sparse", "swin_sparse"])
 def test_same_query_indices_as_official(name):
   """The top-k queries are the same tokens in the same order (the fixture's query gaps are >= 1.9e-5)."""
   out, d, _ = _run_official(name)
@@ -56,7 +56,7 @@ def test_same_query_indices_as_official(name):
     np.testing.assert_array_equal(out["query_indices"][b], official_idx)
 
 
-@pytest.mark.parametrize("name", ["tiny_sparse", "r50_sparse"])
+@pytest.mark.parametrize("name", ["tiny_sparse", "r50_sparse", "swin_sparse"])
 def test_sparse_selection_matches_official(name):
   out, d, _ = _run_official(name)
   _close(out["backbone_mask_prediction"], d["backbone_mask_prediction"], "backbone_mask_prediction")

@@ -1,0 +1,25 @@
+"""Shared config: the official Sparse DETR defaults (model and loss) that every row of the paper starts from.
+
+A row's config file calls `row(...)` with the flags of its official script; see e.g.
+configs/r50_sparse_detr_rho_0.1.py. (Training, data and evaluation settings join with the trainer.)
+"""
+import ml_collections
+
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import losses
+
+
+def row(backbone: str, rho: float = 0.0, topk_bbr: bool = True, enc_aux_loss: bool = False
+        ) -> ml_collections.ConfigDict:
+  """One row of the paper's Table 1: backbone, keeping ratio rho, top-k queries & box refinement."""
+  c = ml_collections.ConfigDict()
+  c.model = config_lib.model_config(
+      backbone=backbone, rho=rho, two_stage=topk_bbr, with_box_refine=topk_bbr, eff_query_init=topk_bbr,
+      eff_specific_head=topk_bbr, use_enc_aux_loss=enc_aux_loss)
+  c.loss = losses.loss_config()
+  return c
+
+
+def sparse_detr(backbone: str, rho: float) -> ml_collections.ConfigDict:
+  """Sparse DETR: `--with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho R`."""
+  return row(backbone, rho=rho, topk_bbr=True, enc_aux_loss=True)
