@@ -64,8 +64,8 @@ def encoder_proposals(padding_mask: jnp.ndarray, spatial_shapes: SpatialShapes) 
   return jnp.where(valid[..., None], jnp.log(safe / (1 - safe)), jnp.inf), valid
 
 
-class EncoderLayer(nn.Module):
-  """Deformable self-attention (queries may be a subset of tokens) + FFN, post-norm."""
+class _LayerShape(nn.Module):
+  """Sizes shared by encoder and decoder layers."""
   d_model: int
   d_ffn: int
   dropout: float
@@ -73,6 +73,10 @@ class EncoderLayer(nn.Module):
   n_heads: int
   n_points: int
   dtype: Any = None
+
+
+class EncoderLayer(_LayerShape):
+  """Deformable self-attention (queries may be a subset of tokens) + FFN, post-norm."""
 
   @nn.compact
   def __call__(self, query: jnp.ndarray, pos: jnp.ndarray, reference_points: jnp.ndarray, memory: jnp.ndarray,
@@ -119,15 +123,8 @@ class MultiheadAttention(nn.Module):
                          dtype=self.dtype, name="out_proj")(out)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_LayerShape):
   """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
-  d_model: int
-  d_ffn: int
-  dropout: float
-  n_levels: int
-  n_heads: int
-  n_points: int
-  dtype: Any = None
 
   @nn.compact
   def __call__(self, tgt: jnp.ndarray, query_pos: jnp.ndarray, reference_points: jnp.ndarray,
