@@ -113,6 +113,7 @@ class SparseDETR(nn.Module):
       attn_weights_dec (B, L_dec, Q, M, L, P); mask_flatten (B, N); spatial_shapes (L, 2) static.
     """
     c = self.config
+    check_inputs(images, padding_mask)
     det = not train
     dt = jnp.dtype(c.dtype)
     b = images.shape[0]
@@ -125,6 +126,9 @@ class SparseDETR(nn.Module):
       srcs.append(src)                                                # (B, h_l, w_l, C)
       masks.append(resize_mask(padding_mask, src.shape[1:3]))        # (B, h_l, w_l)
     shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
+    if c.two_stage and sum(h * w for h, w in shapes) < c.num_queries:
+      raise ValueError(f"images: a {images.shape[1]}x{images.shape[2]} canvas gives {sum(h * w for h, w in shapes)} "
+                       f"encoder tokens, fewer than model.num_queries = {c.num_queries}: use larger images")
     pos = [sine_position_embedding(m, c.hidden_dim // 2) + self.level_embed[l] for l, m in enumerate(masks)]
     src_flat = jnp.concatenate([s.reshape(b, -1, c.hidden_dim) for s in srcs], 1)        # (B, N, C)
     pos_flat = jnp.concatenate([p.reshape(b, -1, c.hidden_dim) for p in pos], 1).astype(dt)
@@ -203,6 +207,17 @@ class SparseDETR(nn.Module):
     if c.aux_loss:
       out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": bx} for a, bx in zip(logits[:-1], boxes[:-1])]
     return out
+
+
+def check_inputs(images: jnp.ndarray, padding_mask: jnp.ndarray) -> None:
+  """Shape and dtype checks of the model inputs, with an error naming the argument."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images: expected (B, H, W, 3) NHWC, got shape {tuple(images.shape)}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images: expected normalised floats, got dtype {images.dtype}")
+  if padding_mask.shape != images.shape[:3] or padding_mask.dtype != jnp.bool_:
+    raise ValueError(f"padding_mask: expected bool {tuple(images.shape[:3])} (True = padding), "
+                     f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
 
 
 def build_model(config: ml_collections.ConfigDict) -> SparseDETR:

@@ -154,3 +154,17 @@ def test_invalid_config_is_a_clear_error():
     model_lib.build_model(_tiny_config(rho=1.5)).init(jax.random.PRNGKey(0), *_inputs())
   with pytest.raises(ValueError, match="two_stage"):
     model_lib.build_model(_tiny_config(with_box_refine=False)).init(jax.random.PRNGKey(0), *_inputs())
+
+
+def test_bad_inputs_are_clear_errors():
+  m = model_lib.build_model(_tiny_config(rho=0.2))
+  x, mask = _inputs()
+  v = jax.jit(m.init)(jax.random.PRNGKey(0), x, mask)
+  with pytest.raises(ValueError, match="images: expected \\(B, H, W, 3\\)"):
+    m.apply(v, jnp.transpose(x, (0, 3, 1, 2)), mask)
+  with pytest.raises(ValueError, match="padding_mask"):
+    m.apply(v, x, mask.astype(jnp.float32))
+  with pytest.raises(ValueError, match="images: expected normalised floats"):
+    m.apply(v, x.astype(jnp.uint8), mask)
+  with pytest.raises(ValueError, match="fewer than model.num_queries"):
+    m.apply(v, x[:, :2, :2], mask[:, :2, :2])

@@ -1,0 +1,26 @@
+"""The official post-processing: the top detections over queries x classes, boxes in image pixels."""
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+from sparse_detr_jax import box_ops
+
+NUM_DETECTIONS = 100  # per image, as official (COCO evaluation keeps at most 100)
+
+
+def postprocess(outputs: Dict[str, jnp.ndarray], image_sizes: jnp.ndarray, num_detections: int = NUM_DETECTIONS
+                ) -> Dict[str, jnp.ndarray]:
+  """Top `num_detections` (query, class) pairs by sigmoid score.
+
+  outputs: pred_logits (B, Q, C), pred_boxes (B, Q, 4) cxcywh in [0, 1]; image_sizes: (B, 2) (h, w) of the
+  original images. Returns scores (B, D), labels (B, D) int, boxes (B, D, 4) xyxy in pixels of that size.
+  """
+  logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+  b, q, c = logits.shape
+  scores, idx = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), num_detections)   # (B, D)
+  query, labels = idx // c, idx % c
+  xyxy = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(boxes), query[..., None], axis=1)      # (B, D, 4)
+  h, w = image_sizes[:, 0].astype(jnp.float32), image_sizes[:, 1].astype(jnp.float32)
+  scale = jnp.stack([w, h, w, h], -1)[:, None, :]
+  return {"scores": scores, "labels": labels, "boxes": xyxy * scale}
