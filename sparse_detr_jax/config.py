@@ -2,6 +2,8 @@
 
 Field names follow the official `main.py` arguments so a config reads like the official command line.
 """
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -57,3 +59,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   n_backbone = {"none": 1}.get(c.backbone, 3)
   if c.num_feature_levels < n_backbone:
     raise ValueError(f"model.num_feature_levels: need at least {n_backbone} for backbone {c.backbone!r}")
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as configs/r50_sparse_detr_rho_0.1.py (run from the repo root)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such config file")
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3].replace(".", "_"), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path}: a config file must define get_config()")
+  return module.get_config()
