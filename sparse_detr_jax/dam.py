@@ -8,7 +8,6 @@ from typing import Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparse_detr_jax.deformable_attention import corner_indices_and_weights, level_start_index
 

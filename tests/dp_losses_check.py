@@ -4,7 +4,6 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P

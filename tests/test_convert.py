@@ -1,5 +1,4 @@
 """Official checkpoint conversion: every manifest key maps, safe loading, re-heading, Orbax round trip."""
-import argparse
 import json
 import os
 import pickle
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, official
+from conftest import official
 from sparse_detr_jax import convert
 from sparse_detr_jax.swin import relative_position_index
 
