@@ -151,18 +151,13 @@ class KeyMapper:
     leaf = parts[-1]
     m = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", name)
     if m:
-      mod = m.group(3).replace("mlp.", "mlp_").split(".")
-      path = (f"layers_{m.group(1)}_blocks_{m.group(2)}", *mod)
-    elif re.fullmatch(r"layers\.\d+\.downsample\.(norm|reduction)", name):
-      i, sub = parts[1], parts[3]
-      if sub == "reduction":
-        return "params", ("backbone", f"layers_{i}_downsample", "reduction_kernel"), _linear
-      path = ("backbone", f"layers_{i}_downsample", "norm")
-      return ("params", path + _param_kind(leaf, ndim)[:1], _param_kind(leaf, ndim)[1])
+      path = (f"layers_{m.group(1)}_blocks_{m.group(2)}", *m.group(3).replace("mlp.", "mlp_").split("."))
+    elif re.fullmatch(r"layers\.\d+\.downsample\.reduction", name):
+      return "params", ("backbone", f"layers_{parts[1]}_downsample", "reduction_kernel"), _linear
+    elif re.fullmatch(r"layers\.\d+\.downsample\.norm", name):
+      path = (f"layers_{parts[1]}_downsample", "norm")
     elif name in ("patch_embed.proj", "patch_embed.norm") or re.fullmatch(r"norm\d", name):
       path = (name.replace(".", "_"),)
-    elif leaf == "relative_position_bias_table":
-      path = ()
     else:
       return None
     if leaf == "relative_position_bias_table":
