@@ -19,6 +19,10 @@ setup(
         "ml_collections",
         "absl-py",
         "pillow",
+        "grain",
+        "tensorflow-datasets",
+        "array_record",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it
     ],
     extras_require={
         # CPU build of PyTorch, only to read official .pth checkpoints.

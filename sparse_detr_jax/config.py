@@ -11,6 +11,10 @@ import ml_collections
 # The official code's supported backbones ('none' = the image itself is the first feature level).
 BACKBONES = ("resnet50", "none", "swin-t")
 
+# Landscape canvases (h, w) for COCO at scales 480..800 / max_size 1333, and their transposes.
+_LANDSCAPE = ((544, 736), (640, 864), (736, 992), (800, 1088), (800, 1333), (704, 704))
+COCO_BUCKETS = sorted({b for h, w in _LANDSCAPE for b in ((h, w), (w, h))})
+
 
 def model_config(**overrides: Any) -> ml_collections.ConfigDict:
   """Official Sparse DETR model defaults (R50, rho 0.1, two-stage, box refinement, enc aux loss)."""
@@ -40,6 +44,34 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
                                           window_size=7, drop_path_rate=0.2))
   c.update(overrides)
   return c
+
+
+def data_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Official COCO input defaults (DETR transforms) plus this project's static-shape settings."""
+  d = ml_collections.ConfigDict()
+  d.source = "coco"                  # 'coco' (a COCO-format directory) or 'tfds'
+  d.coco_dir = "./data/coco"         # the official --coco_path layout
+  d.train_images = "train2017"
+  d.train_annotations = "annotations/instances_train2017.json"
+  d.val_images = "val2017"
+  d.val_annotations = "annotations/instances_val2017.json"
+  d.tfds_name = "coco/2017"
+  d.tfds_data_dir = None
+  d.tfds_train_split = "train"
+  d.tfds_val_split = "validation"
+  d.scales = list(range(480, 801, 32))  # RandomResize scales (shorter side), as official
+  d.max_size = 1333
+  d.crop_resize = [400, 500, 600]    # RandomResize before RandomSizeCrop
+  d.crop_size = (384, 600)           # RandomSizeCrop(min, max)
+  d.val_size = 800
+  # Static canvases (h, w): the jitted step compiles once per bucket. Chosen with
+  # benchmarks/padding_waste.py on a COCO-like size distribution (see its docstring for the numbers).
+  d.buckets = COCO_BUCKETS
+  d.max_boxes = 100                  # COCO's most crowded image has 93 non-crowd boxes
+  d.num_workers = 2                  # grain worker processes per host (0: load in the main process)
+  d.prefetch = 2                     # batches buffered per worker
+  d.update(overrides)
+  return d
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
