@@ -22,7 +22,8 @@ setup(
         "grain",
         "tensorflow-datasets",
         "array_record",
-        "importlib_resources",  # tensorflow-datasets imports it without declaring it
+        "importlib_resources",
+        "tensorboardX",  # tensorflow-datasets imports it without declaring it
     ],
     extras_require={
         # CPU build of PyTorch, only to read official .pth checkpoints.

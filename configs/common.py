@@ -1,7 +1,7 @@
-"""Shared config: the official Sparse DETR defaults (model and loss) that every row of the paper starts from.
+"""Shared config: the official Sparse DETR defaults (model, loss, data, training) that every row of the paper starts from.
 
 A row's config file calls `row(...)` with the flags of its official script; see e.g.
-configs/r50_sparse_detr_rho_0.1.py. (Training, data and evaluation settings join with the trainer.)
+configs/r50_sparse_detr_rho_0.1.py. Run: `python train.py --config configs/NAME.py --workdir DIR`.
 """
 import ml_collections
 
@@ -17,6 +17,9 @@ def row(backbone: str, rho: float = 0.0, topk_bbr: bool = True, enc_aux_loss: bo
       backbone=backbone, rho=rho, two_stage=topk_bbr, with_box_refine=topk_bbr, eff_query_init=topk_bbr,
       eff_specific_head=topk_bbr, use_enc_aux_loss=enc_aux_loss)
   c.loss = losses.loss_config()
+  c.data = config_lib.data_config()
+  c.train = config_lib.train_config()
+  c.eval = config_lib.eval_config()
   return c
 
 

@@ -74,6 +74,39 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   return d
 
 
+def train_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Official optimisation recipe (main.py defaults) plus checkpointing and logging."""
+  t = ml_collections.ConfigDict()
+  t.batch_size = 2                   # per device, as official (--batch_size 2 on each GPU)
+  t.epochs = 50
+  t.lr_drop = 40                     # lr x0.1 after this many epochs
+  t.lr = 2e-4                        # scaled by sqrt(global batch / 16), as official
+  t.lr_backbone = 2e-5
+  t.lr_linear_proj_mult = 0.1        # sampling_offsets and reference_points
+  t.weight_decay = 1e-4
+  t.clip_max_norm = 0.1
+  t.freeze_early_backbone = True     # ResNet stem + layer1 (official); Swin patch_embed + first stage
+  t.seed = 42
+  t.max_steps = 0                    # > 0: stop after this many steps instead of `epochs`
+  t.init_checkpoint = ""             # an official Sparse DETR .pth to start from (fine-tuning)
+  t.backbone_checkpoint = ""         # torchvision resnet50 ImageNet .pth (the official starting point)
+  t.checkpoint_every = 2000          # steps
+  t.keep_checkpoints = 3
+  t.log_every = 50                   # steps
+  t.eval_every_steps = 0             # 0: only at the end (eval_at_end)
+  t.eval_at_end = True
+  t.on_nonfinite = "stop"            # 'stop' (no update, no checkpoint, clear error) or 'skip' the update
+  t.update(overrides)
+  return t
+
+
+def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
+  e = ml_collections.ConfigDict()
+  e.batch_size = 2                   # per device
+  e.update(overrides)
+  return e
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ValueError naming the field when a model config cannot be built."""
   if c.backbone not in BACKBONES:

@@ -334,3 +334,34 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
   main(sys.argv[1:])
+
+
+def load_torchvision_resnet50(path: str, variables: Dict[str, Any]) -> Dict[str, Any]:
+  """Replace the backbone of `variables` with torchvision's ResNet-50 ImageNet weights.
+
+  `path`: a bare torchvision state_dict, e.g. resnet50-0676ba61.pth (as the official code starts from);
+  the classifier (`fc.*`) is ignored. Every backbone variable must be covered, with the same shape.
+  """
+  state, _ = read_checkpoint(path)
+  mapper = KeyMapper(config_lib.model_config(backbone="resnet50"))
+  flat = traverse_util.flatten_dict(variables)
+  found, unknown = set(), []
+  for key, value in state.items():
+    if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+      continue
+    target = mapper("backbone.0.body." + key, value.ndim)
+    if target is None:
+      unknown.append(key)
+      continue
+    coll, sub, fn = target
+    full = (coll,) + sub
+    if full not in flat or flat[full].shape != fn(value).shape:
+      unknown.append(f"{key} {value.shape}")
+      continue
+    flat[full] = jnp.asarray(fn(value))
+    found.add(full)
+  missing = sorted("/".join(k) for k in flat if k[1] == "backbone" and k not in found)
+  if unknown or missing:
+    raise ValueError(f"{path}: not a torchvision ResNet-50 state_dict for this model: unknown or mis-shaped "
+                     f"{unknown[:10]}, missing {missing[:10]}")
+  return traverse_util.unflatten_dict(flat)

@@ -37,6 +37,9 @@ def matching_cost(logits: jnp.ndarray, boxes: jnp.ndarray, labels: jnp.ndarray, 
 def _scipy_assign(cost: np.ndarray, row_valid: np.ndarray, col_valid: np.ndarray) -> np.ndarray:
   """Host solver: cost (B, Q, M) -> (B, M) query per valid target, -1 elsewhere."""
   out = np.full(cost.shape[::2], -1, np.int32)
+  # A diverged step gives non-finite costs; any assignment will do (its loss is non-finite and the
+  # trainer drops the update), but scipy would raise inside the jitted step.
+  cost = np.nan_to_num(np.asarray(cost, np.float64), nan=1e30, posinf=1e30, neginf=-1e30)
   for b in range(cost.shape[0]):
     rows, cols = np.flatnonzero(row_valid[b]), np.flatnonzero(col_valid[b])
     if len(rows) and len(cols):

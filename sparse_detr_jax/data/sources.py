@@ -120,6 +120,11 @@ class CocoSource:
       if int(a["image_id"]) in per_image:
         per_image[int(a["image_id"])].append((bbox, int(a["category_id"]), int(a.get("iscrowd", 0))))
     self._anns = [per_image[int(i)] for i in self.image_ids]
+    self._json = data
+
+  def coco_dataset(self) -> dict:
+    """The annotation json as loaded (COCOeval's ground truth)."""
+    return self._json
 
   def _skip(self, reason: str, what: str) -> None:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -193,6 +198,22 @@ class TfdsSource:
 
   def image(self, i: int) -> np.ndarray:
     return decode_image(self._record(i)["image"], tuple(self.sizes[i]), f"TFDS record {i}")
+
+  def coco_dataset(self) -> dict:
+    """COCO-format ground truth rebuilt from the records (crowd objects included)."""
+    images, anns = [], []
+    for i in range(len(self)):
+      w, h = (int(v) for v in self.sizes[i])
+      images.append({"id": int(self.image_ids[i]), "width": w, "height": h})
+      obj = self._record(i)["objects"]
+      yxyx = np.asarray(obj["bbox"], np.float64).reshape(-1, 4) * [h, w, h, w]
+      crowd = np.asarray(obj.get("is_crowd", np.zeros(len(yxyx), bool)), bool).reshape(-1)
+      for b, lab, c in zip(yxyx, np.asarray(obj["label"]).reshape(-1), crowd):
+        box = [float(b[1]), float(b[0]), float(b[3] - b[1]), float(b[2] - b[0])]
+        anns.append({"id": len(anns) + 1, "image_id": int(self.image_ids[i]), "category_id": int(self._ids[lab]),
+                     "bbox": box, "area": box[2] * box[3], "iscrowd": int(c)})
+    cats = [{"id": int(k), "name": n} for k, n in self.categories.items()]
+    return {"images": images, "annotations": anns, "categories": cats}
 
 
 def build_source(data_config, split: str):

@@ -1,0 +1,177 @@
+"""Training: the data-parallel train step, Orbax checkpoints with the data-iterator state, the loop.
+
+The step is written per device with `jax.shard_map` over a `data` mesh axis spanning every device of
+every host: each device computes the official losses on its slice (box count averaged over the
+axis, losses.compute), the total is averaged over the axis, so the gradient is the global-batch
+gradient; the state is replicated and donated.
+"""
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from sparse_detr_jax import convert, evaluator, losses, metrics_writer, model as model_lib, optim
+from sparse_detr_jax.data import pipeline, sources
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  constants: Any  # non-trained collections (frozen BatchNorm statistics)
+
+
+def data_mesh() -> Mesh:
+  """One `data` axis over every device of every host."""
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> dict:
+  """Official init, then weights from `train.init_checkpoint` (an official .pth) if set."""
+  t = cfg.train
+  if t.init_checkpoint:
+    _, variables, mc = convert.load_official(t.init_checkpoint, num_classes=cfg.model.num_classes, seed=t.seed)
+    if mc.backbone != cfg.model.backbone:
+      raise ValueError(f"train.init_checkpoint {t.init_checkpoint} has backbone {mc.backbone}, config has "
+                       f"{cfg.model.backbone}")
+    return variables
+  variables = model_lib.init_variables(model, rng)
+  if t.backbone_checkpoint:
+    variables = convert.load_torchvision_resnet50(t.backbone_checkpoint, variables)
+  return variables
+
+
+def make_train_step(model, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh,
+                    schedules: dict):
+  """jitted (state, batch) -> (state, metrics); state donated. A non-finite loss or gradient norm
+  leaves the state unchanged and sets metrics['nonfinite']."""
+  def per_device(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index("data"))
+    targets = {"labels": batch["labels"], "boxes": batch["boxes"], "valid": batch["box_valid"]}
+
+    def loss_fn(params):
+      out = model.apply({"params": params, **state.constants}, batch["image"], batch["padding_mask"],
+                        train=True, rngs={"dropout": rng})
+      ld = losses.compute(out, targets, cfg, axis_name="data")
+      return jax.lax.pmean(losses.total(ld, cfg), "data"), ld
+
+    (loss, ld), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    labels = optim.param_labels(grads, cfg.model.backbone, cfg.train.freeze_early_backbone)
+    gnorm = optax.tree.norm(jax.tree.map(lambda g, l: g if l != "frozen" else jnp.zeros_like(g), grads, labels))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=state.step + 1))
+    metrics = {k: jax.lax.pmean(v, "data") for k, v in ld.items()}
+    metrics.update(total_loss=loss, grad_norm=gnorm, nonfinite=(~ok).astype(jnp.int32),
+                   **{f"lr/{k}": s(state.step) for k, s in schedules.items()})
+    return new, metrics
+
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P()))
+  return jax.jit(step, donate_argnums=0)
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      pathlib.Path(workdir).absolute() / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
+      item_names=("state", "data"))
+
+
+def restore_variables(path: str) -> dict:
+  """{'params', ...constants} of a checkpoint step directory written by `train`."""
+  ckpt = ocp.CheckpointManager(pathlib.Path(path).absolute().parent, item_names=("state", "data"))
+  step = int(pathlib.Path(path).name)
+  state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return {"params": state["params"], **state["constants"]}
+
+
+@dataclasses.dataclass
+class Schedule:
+  global_batch: int
+  steps_per_epoch: int
+  total_steps: int
+
+
+def schedule(cfg, train_source) -> Schedule:
+  g = cfg.train.batch_size * jax.device_count()
+  spe = pipeline.Planner(train_source.sizes, pipeline.data_spec(cfg.data), g, cfg.train.seed, True).batches_per_epoch
+  total = cfg.train.max_steps or cfg.train.epochs * spe
+  return Schedule(g, spe, total)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Train (resuming from the latest checkpoint in workdir), evaluating periodically and at the end."""
+  t = cfg.train
+  mesh = data_mesh()
+  model = model_lib.build_model(cfg.model)
+  train_source = sources.build_source(cfg.data, "train")
+  sch = schedule(cfg, train_source)
+  variables = initial_variables(cfg, model, jax.random.PRNGKey(t.seed))
+  params = variables.pop("params")
+  tx, schedules = optim.make_optimizer(t, cfg.model, params, sch.global_batch, sch.steps_per_epoch)
+  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(t.seed + 1), variables)
+  ds = pipeline.train_dataset(train_source, cfg.data, sch.global_batch, t.seed, sch.total_steps,
+                              jax.process_index(), jax.process_count())
+  it = pipeline.iterate(ds, cfg.data.num_workers, cfg.data.prefetch)
+  mngr = checkpoint_manager(workdir, t.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
+    state = restored["state"]
+    it.set_state(restored["data"])
+    logging.info("resumed from %s at step %d", mngr.directory, int(state.step))
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+  step_fn = make_train_step(model, cfg, tx, mesh, schedules)
+  writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  val_source = sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end) else None
+  start, tick, skipped = int(state.step), time.time(), 0
+  writer.text(start, "config", cfg.to_json_best_effort(indent=1))
+  for step in range(start + 1, sch.total_steps + 1):
+    local = next(it)
+    skipped += int(local["skipped"].sum())
+    batch = evaluator.global_batch(mesh, {k: local[k] for k in (
+        "image", "padding_mask", "labels", "boxes", "box_valid")})
+    state, metrics = step_fn(state, batch)
+    if step % t.log_every == 0 or step == sch.total_steps or step == start + 1:
+      metrics = jax.tree.map(float, jax.device_get(metrics))
+      if metrics["nonfinite"] and t.on_nonfinite == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (total_loss={metrics['total_loss']}); the update was "
+            f"not applied and no checkpoint was written. Latest checkpoint: step {mngr.latest_step()}")
+      elapsed = time.time() - tick
+      rate = (step - start) * sch.global_batch / max(elapsed, 1e-9)
+      metrics.update(images_per_second=rate, skipped_images=skipped, epoch=step / sch.steps_per_epoch)
+      writer.scalars(step, metrics)
+      eta = (sch.total_steps - step) * sch.global_batch / max(rate, 1e-9)
+      logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  ETA %s", step, sch.total_steps,
+                   metrics["total_loss"], metrics["lr/base"], metrics["grad_norm"], rate,
+                   time.strftime("%H:%M:%S", time.gmtime(eta)))
+    elif t.on_nonfinite == "stop" and int(metrics["nonfinite"]):
+      raise FloatingPointError(f"non-finite loss or gradient at step {step}; the update was not applied and no "
+                               f"checkpoint was written. Latest checkpoint: step {mngr.latest_step()}")
+    if step % t.checkpoint_every == 0 or step == sch.total_steps:
+      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              data=ocp.args.JsonSave(it.get_state())))
+    if val_source is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0)
+                                   or (t.eval_at_end and step == sch.total_steps)):
+      stats = evaluator.evaluate(model, {"params": state.params, **state.constants}, val_source, cfg.data,
+                                 cfg.eval.batch_size, mesh, workdir, tag=f"eval_step{step}")
+      writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
+  mngr.wait_until_finished()
+  writer.close()
+  if skipped:
+    logging.warning("%d training samples could not be read and were replaced by empty images", skipped)
+  return state

@@ -1,0 +1,42 @@
+"""Train Sparse DETR: `python train.py --config configs/NAME.py --workdir DIR [--config.train.batch_size=4 ...]`.
+
+Rerunning with the same workdir resumes from its latest checkpoint. Multi-host: run one process per
+host with `--coordinator_address HOST:PORT --num_processes N --process_id I`, or `--multihost` where
+jax.distributed.initialize() finds the cluster itself (TPU pods, SLURM).
+"""
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from sparse_detr_jax import config as config_lib, trainer
+
+config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and eval results go here")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() with its cluster auto-detection")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (explicit multi-process set-up)")
+flags.DEFINE_integer("num_processes", 1, "with --coordinator_address")
+flags.DEFINE_integer("process_id", 0, "with --coordinator_address")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def init_distributed() -> None:
+  """jax.distributed for multi-host runs (CPU processes exchange collectives over gloo)."""
+  if FLAGS.coordinator_address or FLAGS.multihost:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if FLAGS.coordinator_address:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    else:
+      jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  init_distributed()
+  config_lib.validate(FLAGS.config.model)
+  logging.info("%d processes, %d devices (%d local)", jax.process_count(), jax.device_count(), jax.local_device_count())
+  trainer.train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
