@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax.data import batching, pipeline, transforms
+from sparse_detr_jax.data import pipeline, transforms
 
 
 def coco_like_sizes(n: int, rng: np.random.Generator) -> np.ndarray:
