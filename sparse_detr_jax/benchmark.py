@@ -63,10 +63,14 @@ def main(argv=None) -> None:
   p.add_argument("--height", type=int, default=800)
   p.add_argument("--width", type=int, default=1066)
   p.add_argument("--min_seconds", type=float, default=3.0, help="timing duration per batch size")
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16 (parameters stay float32)")
   a = p.parse_args(argv)
   cfg = config_lib.load_config_file(a.config)
+  if a.dtype:
+    cfg.model.dtype = a.dtype
   r = measure(cfg.model, a.height, a.width, min_seconds=a.min_seconds)
-  print(f"{a.config} on {jax.devices()[0].device_kind} ({jax.default_backend()}), canvas {a.height}x{a.width}")
+  print(f"{a.config} ({cfg.model.dtype}) on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"canvas {a.height}x{a.width}")
   print(f"params_m={r['params_m']:.2f} gflops={r['gflops']:.1f} fps_b1={r['fps_b1']:.3f} fps_b4={r['fps_b4']:.3f}")
 
 
