@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,15 @@ $(VENV)/.installed: setup.py
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The CPU demo (configs/shapes_demo.py): generated shapes, train, COCO evaluation, pictures of detections.
+DEMO := runs/shapes_demo
+demo: install
+	$(BIN)/python -m sparse_detr_jax.data.shapes data/shapes --train 2000 --val 200 --seed 0
+	$(BIN)/python train.py --config configs/shapes_demo.py --workdir $(DEMO)
+	$(BIN)/python evaluate.py --config configs/shapes_demo.py --workdir $(DEMO)
+	$(BIN)/python -m sparse_detr_jax.predict --config configs/shapes_demo.py --workdir $(DEMO) \
+	    --out $(DEMO)/pictures $$(ls data/shapes/val/*.jpg | head -n 8)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache *.egg-info

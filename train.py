@@ -33,6 +33,7 @@ def init_distributed() -> None:
 def main(argv):
   del argv
   init_distributed()
+  trainer.quiet_orbax_logs()
   config_lib.validate(FLAGS.config.model)
   logging.info("%d processes, %d devices (%d local)", jax.process_count(), jax.device_count(), jax.local_device_count())
   trainer.train(FLAGS.config, FLAGS.workdir)

@@ -1,4 +1,5 @@
-"""Backbones: ResNet-50 with frozen BatchNorm (torchvision layout), Swin (swin.py) and the official `none` backbone.
+"""Backbones: ResNet-50 with frozen BatchNorm (torchvision layout), Swin (swin.py), the official `none`
+backbone, and a small convnet trained from scratch for CPU demos and tests.
 
 A backbone maps normalised images (B, H, W, 3) to a list of feature maps (B, h_l, w_l, C_l) and their
 channel counts; masks of each level come from `resize_mask` (the official nearest-neighbour resize).
@@ -14,6 +15,7 @@ from sparse_detr_jax.swin import SwinTransformer
 BN_EPS = 1e-5
 RESNET50_STAGES = (3, 4, 6, 3)           # bottleneck blocks per stage
 RESNET50_OUT_CHANNELS = (512, 1024, 2048)  # C3, C4, C5
+SMALL_CONVNET_WIDTHS = (32, 64, 128, 192, 256)  # one stride-2 stage each: strides 2, 4, 8, 16, 32
 
 
 def resize_mask(mask: jnp.ndarray, size: Tuple[int, int]) -> jnp.ndarray:
@@ -99,12 +101,38 @@ class IdentityBackbone(nn.Module):
     return [x]
 
 
+class SmallConvNet(nn.Module):
+  """Five stride-2 stages of two 3x3 convs with GroupNorm (8 groups) and ReLU; returns strides 8, 16, 32.
+
+  Not an official backbone: a few-million-parameter network that trains from scratch in minutes on a
+  CPU (configs/shapes_demo.py), where ResNet-50 or the official `none` (stride 1, ~16k tokens for a
+  128x96 image) is too slow.
+  """
+  dtype: Any = None
+
+  num_channels: Sequence[int] = SMALL_CONVNET_WIDTHS[2:]
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> List[jnp.ndarray]:
+    del train
+    outs = []
+    for stage, width in enumerate(SMALL_CONVNET_WIDTHS):
+      for i, stride in enumerate((2, 1)):
+        x = _conv(width, 3, stride, f"stage{stage}_conv{i}", self.dtype)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=8, dtype=self.dtype, name=f"stage{stage}_norm{i}")(x))
+      if stage >= 2:
+        outs.append(x)  # (B, H/2^(stage+1), W/2^(stage+1), SMALL_CONVNET_WIDTHS[stage])
+    return outs
+
+
 def build_backbone(c, dtype: Any = None) -> nn.Module:
   """The backbone named by model config `c` (`c.backbone`, and `c.swin` for Swin)."""
   if c.backbone == "resnet50":
     return ResNet50(dtype=dtype, name="backbone")
   if c.backbone == "none":
     return IdentityBackbone(name="backbone")
+  if c.backbone == "small_convnet":
+    return SmallConvNet(dtype=dtype, name="backbone")
   if c.backbone == "swin-t":
     s = c.swin
     return SwinTransformer(s.embed_dim, tuple(s.depths), tuple(s.num_heads), s.window_size, s.drop_path_rate,

@@ -8,8 +8,9 @@ from typing import Any
 
 import ml_collections
 
-# The official code's supported backbones ('none' = the image itself is the first feature level).
-BACKBONES = ("resnet50", "none", "swin-t")
+# The official code's backbones ('none' = the image itself is the first feature level), and this
+# project's small_convnet for CPU demos (backbone.SmallConvNet).
+BACKBONES = ("resnet50", "none", "swin-t", "small_convnet")
 
 # Landscape canvases (h, w) for COCO at scales 480..800 / max_size 1333, and their transposes.
 _LANDSCAPE = ((544, 736), (640, 864), (736, 992), (800, 1088), (800, 1333), (704, 704))

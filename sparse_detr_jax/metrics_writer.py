@@ -1,4 +1,8 @@
-"""Scalars, text and images to TensorBoard (tensorboardX event files in the workdir) and the log."""
+"""Scalars, text and images to TensorBoard (tensorboardX event files in the workdir); scalars also as
+JSON lines in WORKDIR/metrics.jsonl ({"step": N, name: value, ...} per logged step)."""
+import json
+import pathlib
+
 import numpy as np
 
 
@@ -7,6 +11,7 @@ class MetricsWriter:
 
   def __init__(self, logdir: str, enabled: bool = True):
     self._w = None
+    self._jsonl = pathlib.Path(logdir) / "metrics.jsonl"
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._w = SummaryWriter(logdir)
@@ -17,6 +22,8 @@ class MetricsWriter:
         if np.isfinite(v):
           self._w.add_scalar(k, v, step)
       self._w.flush()
+      with open(self._jsonl, "a") as f:
+        f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
 
   def text(self, step: int, tag: str, text: str) -> None:
     if self._w:

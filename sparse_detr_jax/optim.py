@@ -14,7 +14,7 @@ import optax
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
 FROZEN_PREFIXES = {"resnet50": ("backbone/conv1", "backbone/layer1_"),
-                   "swin-t": ("backbone/patch_embed", "backbone/layers_0_"), "none": ()}
+                   "swin-t": ("backbone/patch_embed", "backbone/layers_0_"), "none": (), "small_convnet": ()}
 
 
 def param_labels(params: Any, backbone: str, freeze_early_backbone: bool) -> Any:

@@ -11,14 +11,14 @@ NUM_DETECTIONS = 100  # per image, as official (COCO evaluation keeps at most 10
 
 def postprocess(outputs: Dict[str, jnp.ndarray], image_sizes: jnp.ndarray, num_detections: int = NUM_DETECTIONS
                 ) -> Dict[str, jnp.ndarray]:
-  """Top `num_detections` (query, class) pairs by sigmoid score.
+  """Top `num_detections` (query, class) pairs by sigmoid score (all of them if there are fewer).
 
   outputs: pred_logits (B, Q, C), pred_boxes (B, Q, 4) cxcywh in [0, 1]; image_sizes: (B, 2) (h, w) of the
   original images. Returns scores (B, D), labels (B, D) int, boxes (B, D, 4) xyxy in pixels of that size.
   """
   logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
   b, q, c = logits.shape
-  scores, idx = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), num_detections)   # (B, D)
+  scores, idx = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), min(num_detections, q * c))  # (B, D)
   query, labels = idx // c, idx % c
   xyxy = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(boxes), query[..., None], axis=1)      # (B, D, 4)
   h, w = image_sizes[:, 0].astype(jnp.float32), image_sizes[:, 1].astype(jnp.float32)

@@ -7,6 +7,7 @@ gradient; the state is replicated and donated.
 """
 import dataclasses
 import logging
+import os
 import pathlib
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sparse_detr_jax import convert, evaluator, losses, metrics_writer, model as model_lib, optim
@@ -90,12 +92,41 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
       item_names=("state", "data"))
 
 
+def quiet_orbax_logs() -> None:
+  """Keep Orbax's per-save INFO lines out of the console (its warnings and errors still show)."""
+  absl_logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname)
+
+
 def restore_variables(path: str) -> dict:
-  """{'params', ...constants} of a checkpoint step directory written by `train`."""
-  ckpt = ocp.CheckpointManager(pathlib.Path(path).absolute().parent, item_names=("state", "data"))
+  """{'params', ...constants} of a checkpoint step directory written by `train`, on this host's first
+  device whatever topology saved it (e.g. a multi-host run evaluated on one machine)."""
+  ckpt = ocp.CheckpointManager(pathlib.Path(path).absolute().parent, item_names=("state", "data"),
+                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                              "data": ocp.JsonCheckpointHandler()})
   step = int(pathlib.Path(path).name)
-  state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        ckpt.item_metadata(step)["state"])
+  state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   return {"params": state["params"], **state["constants"]}
+
+
+def load_for_inference(cfg: ml_collections.ConfigDict, workdir: str | None = None, checkpoint: str | None = None
+                       ) -> tuple[Any, dict, str]:
+  """(model, variables, output directory) from `checkpoint` (a step directory or an official .pth, whose
+  architecture then comes from the .pth) or else the latest checkpoint of the training run in `workdir`."""
+  if checkpoint and checkpoint.endswith(".pth"):
+    model, variables, _ = convert.load_official(checkpoint)
+    return model, variables, workdir or os.path.dirname(os.path.abspath(checkpoint))
+  if not checkpoint:
+    if not workdir:
+      raise ValueError("give a workdir or a checkpoint")
+    mngr = checkpoint_manager(workdir, keep=1)
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+    checkpoint = str(pathlib.Path(mngr.directory) / str(mngr.latest_step()))
+  return model_lib.build_model(cfg.model), restore_variables(checkpoint), workdir or checkpoint
 
 
 @dataclasses.dataclass
@@ -137,7 +168,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   step_fn = make_train_step(model, cfg, tx, mesh, schedules)
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
   val_source = sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end) else None
-  start, tick, skipped = int(state.step), time.time(), 0
+  start, skipped = int(state.step), 0
+  window_step, window_start = start, time.time()
   writer.text(start, "config", cfg.to_json_best_effort(indent=1))
   for step in range(start + 1, sch.total_steps + 1):
     local = next(it)
@@ -151,8 +183,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         raise FloatingPointError(
             f"non-finite loss or gradient at step {step} (total_loss={metrics['total_loss']}); the update was "
             f"not applied and no checkpoint was written. Latest checkpoint: step {mngr.latest_step()}")
-      elapsed = time.time() - tick
-      rate = (step - start) * sch.global_batch / max(elapsed, 1e-9)
+      now = time.time()  # images/s over the steps since the last log line (the first includes compilation)
+      rate = (step - window_step) * sch.global_batch / max(now - window_start, 1e-9)
+      window_step, window_start = step, now
       metrics.update(images_per_second=rate, skipped_images=skipped, epoch=step / sch.steps_per_epoch)
       writer.scalars(step, metrics)
       eta = (sch.total_steps - step) * sch.global_batch / max(rate, 1e-9)

@@ -10,8 +10,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("SPARSE_DETR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
 REQUIRE_FIXTURES = os.environ.get("SPARSE_DETR_REQUIRE_FIXTURES", "") == "1"
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", str(ROOT / ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# JAX's persistent compilation cache, for this process and (through the environment) the train.py and
+# check-script processes the tests start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ.get("JAX_CACHE_DIR", str(ROOT / ".jax_cache")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def official(name: str) -> pathlib.Path:

@@ -1,9 +1,10 @@
 """Trainer and evaluator: optimiser groups, data-parallel step equality, non-finite guard, SIGKILL
-resume, COCO evaluation against pycocotools run directly."""
+resume, two hosts == one host, COCO evaluation against pycocotools run directly."""
 import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,33 +87,87 @@ def test_nonfinite_step_leaves_state_unchanged(data_dir):
     np.testing.assert_array_equal(a, np.asarray(b2))
 
 
-def train_cmd(data_dir, workdir) -> list[str]:
+def train_cmd(data_dir, workdir, checkpoint_every: int = 2, steps: int = 6) -> list[str]:
   return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "shapes_tiny.py"),
-          "--workdir", str(workdir), f"--config.data.coco_dir={data_dir}", "--config.train.max_steps=6",
-          "--config.train.checkpoint_every=2"]
+          "--workdir", str(workdir), f"--config.data.coco_dir={data_dir}", f"--config.train.max_steps={steps}",
+          f"--config.train.checkpoint_every={checkpoint_every}"]
 
 
-def final_params(workdir) -> list[np.ndarray]:
-  return [np.asarray(x) for x in jax.tree.leaves(trainer.restore_variables(str(workdir / "checkpoints" / "6"))["params"])]
+def final_params(workdir, step: int = 6) -> list[np.ndarray]:
+  path = str(workdir / "checkpoints" / str(step))
+  return [np.asarray(x) for x in jax.tree.leaves(trainer.restore_variables(path)["params"])]
+
+
+def run_until(cmd: list[str], ready, timeout: float = 600) -> None:
+  """Start `cmd`, SIGKILL it as soon as `ready()` holds (fails if it ends first)."""
+  proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  while not ready() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert ready(), "the run ended before the kill point"
 
 
 def test_sigkill_resume_matches_uninterrupted_run(data_dir, tmp_path):
+  """Killed once after a checkpoint and once in the middle of writing one, then rerun: same parameters as an
+  uninterrupted run; the half-written checkpoint is never used."""
   subprocess.run(train_cmd(data_dir, tmp_path / "straight"), env=ENV, cwd=ROOT, check=True, capture_output=True,
                  timeout=900)
-  proc = subprocess.Popen(train_cmd(data_dir, tmp_path / "killed"), env=ENV, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt = tmp_path / "killed" / "checkpoints"
-  deadline = time.time() + 600
-  while not (ckpt / "2").is_dir() and time.time() < deadline and proc.poll() is None:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  done = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-  assert done and max(done) < 6, done  # killed mid-run
+  steps = lambda: sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+  saving = lambda: ckpt.is_dir() and any(not p.name.isdigit() for p in ckpt.iterdir() if p.is_dir())
+  run_until(train_cmd(data_dir, tmp_path / "killed"), lambda: 2 in steps())
+  assert max(steps()) < 6
+  run_until(train_cmd(data_dir, tmp_path / "killed", checkpoint_every=1), lambda: max(steps(), default=0) >= 3 and saving())
+  assert max(steps()) < 6
   subprocess.run(train_cmd(data_dir, tmp_path / "killed"), env=ENV, cwd=ROOT, check=True, capture_output=True,
                  timeout=900)
   for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "killed")):
     np.testing.assert_array_equal(a, b)
+
+
+def test_overfits_a_few_images(data_dir, tmp_path):
+  """8 images, 300 steps: the loss falls and AP on those images rises from ~0."""
+  cfg = tiny_config(data_dir)
+  cfg.model.update(backbone="small_convnet", num_feature_levels=4)
+  cfg.data.update(train_images="val", train_annotations="annotations/instances_val.json", num_workers=0,
+                  scales=[48, 56, 64], crop_resize=[48], crop_size=(40, 48), max_size=64, val_size=64,
+                  buckets=[(64, 64)])
+  cfg.train.update(max_steps=300, lr=1e-3, lr_backbone=1e-3, checkpoint_every=300, log_every=300, eval_at_end=True)
+  model = model_lib.build_model(cfg.model)
+  source = sources.build_source(cfg.data, "val")
+  before = evaluator.evaluate(model, trainer.initial_variables(cfg, model, jax.random.PRNGKey(cfg.train.seed)),
+                              source, cfg.data, 2, trainer.data_mesh())
+  trainer.train(cfg, str(tmp_path))
+  after = json.loads((tmp_path / "eval_step300_metrics.json").read_text())
+  loss = [json.loads(line)["total_loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+          if "total_loss" in line]
+  assert len(loss) == 2 and loss[1] < 0.5 * loss[0], loss
+  assert before["AP50"] < 0.05 and after["AP50"] > 0.5, (before["AP50"], after["AP50"])
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_hosts_train_like_one_host_with_four_devices(data_dir, tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed on loopback, gloo collectives) == 1 process x 4 devices."""
+  args = ["--config.train.batch_size=1"]
+  two = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  address = f"localhost:{free_port()}"
+  procs = [subprocess.Popen(train_cmd(data_dir, tmp_path / "two_hosts", steps=2) + args + [
+      "--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+      env=two, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  subprocess.run(train_cmd(data_dir, tmp_path / "one_host", steps=2) + args, cwd=ROOT, check=True,
+                 capture_output=True, env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=900)
+  for a, b in zip(final_params(tmp_path / "one_host", 2), final_params(tmp_path / "two_hosts", 2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_coco_eval_equals_pycocotools_directly(data_dir):

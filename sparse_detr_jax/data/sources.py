@@ -47,16 +47,20 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"))
 
 
-def decode_image(data: Union[bytes, str, os.PathLike], expected_wh: tuple[int, int], what: str) -> np.ndarray:
+def decode_image(data: Union[bytes, str, os.PathLike], expected_wh: tuple[int, int], what: str,
+                 upright: bool = False) -> np.ndarray:
   """Decode to uint8 (H, W, 3) RGB whose size is the annotated (width, height).
 
   COCO annotations refer to the stored pixels (the official loader ignores EXIF orientation); when
   the stored size differs from the annotated one but the EXIF-rotated size matches, the rotated image
-  is used. Any other mismatch, or an undecodable file, raises SampleError naming `what`.
+  is used. `upright` always applies the EXIF orientation (unannotated photos). Any other mismatch, or
+  an undecodable file, raises SampleError naming `what`.
   """
   try:
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     img.load()
+    if upright:
+      img = ImageOps.exif_transpose(img)
   except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
     raise SampleError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from e
   if img.size != tuple(expected_wh):
@@ -214,6 +218,42 @@ class TfdsSource:
                      "bbox": box, "area": box[2] * box[3], "iscrowd": int(c)})
     cats = [{"id": int(k), "name": n} for k, n in self.categories.items()]
     return {"images": images, "annotations": anns, "categories": cats}
+
+
+EXIF_ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees (width and height swap)
+
+
+class ImageFiles:
+  """Unannotated image files in the source interface (prediction), upright by their EXIF orientation.
+
+  Image ids are 1..N in the given order; a file whose header cannot be read is a ValueError naming it.
+  """
+
+  def __init__(self, paths: list[str]):
+    self.paths = [pathlib.Path(p) for p in paths]
+    sizes = []
+    for p in self.paths:
+      if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such image file")
+      try:
+        with Image.open(p) as img:
+          w, h = img.size
+          rotated = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+      except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{p}: not a readable image ({e})") from e
+      sizes.append((h, w) if rotated else (w, h))
+    self.sizes = np.array(sizes, np.int64).reshape(-1, 2)
+    self.image_ids = np.arange(1, len(self.paths) + 1, dtype=np.int64)
+    self.categories: dict[int, str] = {}
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def annotations(self, i: int) -> Annotations:
+    return Annotations(np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
+
+  def image(self, i: int) -> np.ndarray:
+    return decode_image(self.paths[i], tuple(self.sizes[i]), str(self.paths[i]), upright=True)
 
 
 def build_source(data_config, split: str):
