@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python train.py --config configs/shapes_demo.py --workdir $(DEMO)
 	$(BIN)/python evaluate.py --config configs/shapes_demo.py --workdir $(DEMO)
 	$(BIN)/python -m sparse_detr_jax.predict --config configs/shapes_demo.py --workdir $(DEMO) \
-	    --out $(DEMO)/pictures $$(ls data/shapes/val/*.jpg | head -n 8)
+	    --threshold 0.3 --mechanism --out $(DEMO)/pictures $$(ls data/shapes/val/*.jpg | head -n 8)
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache *.egg-info

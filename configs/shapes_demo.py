@@ -7,7 +7,7 @@ shapes dataset, with the small from-scratch `small_convnet` backbone (strides 8-
     python train.py --config configs/shapes_demo.py --workdir runs/shapes_demo
     python evaluate.py --config configs/shapes_demo.py --workdir runs/shapes_demo
     python -m sparse_detr_jax.predict --config configs/shapes_demo.py --workdir runs/shapes_demo \
-        --out runs/shapes_demo/pictures data/shapes/val/00002001.jpg ...
+        --threshold 0.3 --mechanism --out runs/shapes_demo/pictures data/shapes/val/01000001.jpg ...
 
 5 epochs of 2000 images at batch 8 (~1240 steps, ~0.4 s each on 2 CPU cores), lr x0.1 after epoch 4.
 Results: see the README ("The CPU demo").
@@ -26,6 +26,6 @@ def get_config():
                 buckets=[(96, 128), (128, 96), (112, 112)], max_boxes=8, num_workers=1)
   # The backbone is trained from scratch, so at the full learning rate (official: 2e-5 for a pretrained one).
   c.train.update(batch_size=8, epochs=5, lr_drop=4, lr=2e-4, lr_backbone=2e-4, checkpoint_every=200,
-                 log_every=50, eval_at_end=False)
+                 log_every=50, eval_at_end=False, picture_every_steps=400)
   c.eval.batch_size = 8
   return c

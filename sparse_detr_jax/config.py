@@ -96,6 +96,7 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   t.log_every = 50                   # steps
   t.eval_every_steps = 0             # 0: only at the end (eval_at_end)
   t.eval_at_end = True
+  t.picture_every_steps = 5000       # TensorBoard pictures (detections, kept tokens, DAM) of a val image; 0: never
   t.on_nonfinite = "stop"            # 'stop' (no update, no checkpoint, clear error) or 'skip' the update
   t.update(overrides)
   return t

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.sharding import Mesh, PartitionSpec as P
 
-from sparse_detr_jax import convert, evaluator, losses, metrics_writer, model as model_lib, optim
+from sparse_detr_jax import convert, evaluator, losses, metrics_writer, model as model_lib, optim, visualize
 from sparse_detr_jax.data import pipeline, sources
 
 
@@ -129,6 +129,15 @@ def load_for_inference(cfg: ml_collections.ConfigDict, workdir: str | None = Non
   return model_lib.build_model(cfg.model), restore_variables(checkpoint), workdir or checkpoint
 
 
+def write_pictures(writer: metrics_writer.MetricsWriter, step: int, model, state: TrainState, val_source,
+                   data_config: ml_collections.ConfigDict) -> None:
+  """TensorBoard pictures of the first val image: detections and the kept tokens / DAM per level."""
+  batch = pipeline.eval_dataset(val_source, data_config, 1)[0]
+  variables = jax.tree.map(lambda x: x.addressable_data(0), {"params": state.params, **state.constants})
+  for name, picture in visualize.batch_pictures(model, variables, batch, val_source.categories).items():
+    writer.image(step, f"pictures/{name}", picture)
+
+
 @dataclasses.dataclass
 class Schedule:
   global_batch: int
@@ -167,7 +176,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
   step_fn = make_train_step(model, cfg, tx, mesh, schedules)
   writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  val_source = sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end) else None
+  val_source = (sources.build_source(cfg.data, "val")
+                if (t.eval_every_steps or t.eval_at_end or t.picture_every_steps) else None)
   start, skipped = int(state.step), 0
   window_step, window_start = start, time.time()
   writer.text(start, "config", cfg.to_json_best_effort(indent=1))
@@ -198,6 +208,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
     if step % t.checkpoint_every == 0 or step == sch.total_steps:
       mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                               data=ocp.args.JsonSave(it.get_state())))
+    if t.picture_every_steps and step % t.picture_every_steps == 0 and jax.process_index() == 0:
+      write_pictures(writer, step, model, state, val_source, cfg.data)
     if val_source is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0)
                                    or (t.eval_at_end and step == sch.total_steps)):
       stats = evaluator.evaluate(model, {"params": state.params, **state.constants}, val_source, cfg.data,

@@ -111,6 +111,11 @@ def normalize(image: np.ndarray, ann: Annotations) -> tuple[np.ndarray, np.ndarr
   return x, (cxcywh / np.array([w, h, w, h], np.float32)).astype(np.float32)
 
 
+def denormalize(x: np.ndarray) -> np.ndarray:
+  """Inverse of `normalize` for pictures: (H, W, 3) float32 -> uint8."""
+  return np.clip(np.round((x * IMAGENET_STD + IMAGENET_MEAN) * 255.0), 0, 255).astype(np.uint8)
+
+
 def check_config(c) -> None:
   """Config errors in the transform settings, at start-up."""
   scales: Sequence[int] = list(c.scales)

@@ -1,0 +1,104 @@
+"""predict.py and visualize.py: detections JSON and pictures for image files (upright by EXIF, bad files
+reported), Sparse DETR's mechanism picture, TensorBoard pictures during training."""
+import copy
+import json
+import pathlib
+import struct
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from sparse_detr_jax import config as config_lib, model as model_lib, predict, trainer, visualize
+from sparse_detr_jax.data import pipeline, shapes, sources
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("shapes")
+  shapes.generate(str(root), 4, 4, seed=0)
+  cfg = config_lib.load_config_file(str(ROOT / "configs" / "shapes_tiny.py"))
+  cfg.data.coco_dir = str(root)
+  cfg.model.update(backbone="small_convnet", num_feature_levels=4)
+  cfg.data.update(scales=[48, 64], max_size=64, val_size=64, buckets=[(64, 64)])
+  model = model_lib.build_model(cfg.model)
+  return root, cfg, model, model_lib.init_variables(model, jax.random.PRNGKey(0))
+
+
+def test_predict_writes_detections_and_pictures(setup, tmp_path):
+  root, cfg, model, variables = setup
+  val = sorted((root / "val").glob("*.jpg"))[:2]
+  upright = tmp_path / "rotated.jpg"  # stored 60x40, displayed 40x60 (EXIF orientation 6)
+  img = Image.fromarray(np.full((40, 60, 3), 128, np.uint8))
+  exif = Image.Exif()
+  exif[sources.EXIF_ORIENTATION] = 6
+  img.save(upright, exif=exif.tobytes())
+  broken = tmp_path / "broken.jpg"  # a valid header, then half of the scan data
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3)).astype(np.uint8)).save(broken)
+  broken.write_bytes(broken.read_bytes()[:broken.stat().st_size // 2])
+  paths = [str(p) for p in val] + [str(upright), str(broken)]
+  results, mech = predict.predict(model, variables, paths, cfg.data, 2, threshold=0.0, mechanism=True)
+  predict.write(results, predict.category_names(cfg.data), str(tmp_path / "out"), mech)
+  saved = json.loads((tmp_path / "out" / "detections.json").read_text())
+  assert [r["file"] for r in saved] == paths
+  assert (saved[2]["width"], saved[2]["height"]) == (40, 60) and saved[3]["error"] == "cannot decode image"
+  names = {c["id"]: c["name"] for c in shapes.CATEGORIES}  # the untrained model also predicts the unused id 0
+  for r in saved[:3]:
+    assert len(r["detections"]) == 10 * 7  # threshold 0: every (query, class) pair, best first
+    scores = [d["score"] for d in r["detections"]]
+    assert scores == sorted(scores, reverse=True)
+    for d in r["detections"]:
+      x, y, w, h = d["bbox"]
+      assert d["category"] == names.get(d["category_id"], f"class {d['category_id']}")
+      assert -1e-3 <= x <= x + w <= r["width"] + 1e-3 and -1e-3 <= y <= y + h <= r["height"] + 1e-3
+    assert Image.open(r["picture"]).size == (r["width"], r["height"])
+    assert min(Image.open(r["mechanism_picture"]).size) >= visualize.MIN_PICTURE_SIDE // 2  # enlarged for reading
+  assert "picture" not in saved[3]
+  with pytest.raises(FileNotFoundError, match="missing.jpg"):
+    sources.ImageFiles([str(tmp_path / "missing.jpg")])
+
+
+def test_token_maps_follow_the_selection(setup):
+  root, cfg, model, variables = setup
+  batch = pipeline.eval_dataset(sources.build_source(cfg.data, "val"), cfg.data, 2)[0]
+  out = jax.jit(model.apply)(variables, batch["image"], batch["padding_mask"])
+  for slot in range(2):
+    kept, attention = visualize.token_maps(out, slot)
+    h, w = batch["size"][slot]
+    assert [k.shape for k in kept] == [a.shape for a in attention] == [tuple(s) for s in out["spatial_shapes"]]
+    assert sum(int(k.sum()) for k in kept) == int(out["sparse_token_nums"][slot])
+    assert all((a >= 0).all() for a in attention) and sum(float(a.sum()) for a in attention) > 0
+    view = visualize.model_view(batch, slot)
+    assert view.shape == (h, w, 3) and view.dtype == np.uint8
+    picture = np.asarray(visualize.mechanism_picture(view, (64, 64), kept, attention))
+    zoom = visualize.MIN_PICTURE_SIDE // max(h, w)
+    top_left = picture[14:14 + h * zoom, :w * zoom]  # level 0, kept tokens highlighted in yellow
+    yellowish = (top_left[..., 0] > 150) & (top_left[..., 1] > 150) & (top_left[..., 2] < 120)
+    cells = kept[0].repeat(8 * zoom, 0).repeat(8 * zoom, 1)[:h * zoom, :w * zoom]
+    assert yellowish[cells].mean() > 0.9 and yellowish[~cells].mean() < 0.05
+
+
+def event_images(logdir: pathlib.Path) -> set[str]:
+  """Tags of the image summaries in a TensorBoard event directory (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in logdir.glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      tags |= {v.tag for v in event.summary.value if v.HasField("image")}
+  return tags
+
+
+def test_training_writes_tensorboard_pictures(setup, tmp_path):
+  root, cfg, _, _ = setup
+  cfg = copy.deepcopy(cfg)
+  cfg.data.update(train_images="val", train_annotations="annotations/instances_val.json", num_workers=0)
+  cfg.train.update(batch_size=1, max_steps=2, picture_every_steps=2, checkpoint_every=2, eval_at_end=False)
+  trainer.train(cfg, str(tmp_path))
+  assert event_images(tmp_path) == {"pictures/detections", "pictures/mechanism"}
