@@ -29,5 +29,7 @@ setup(
         # CPU build of PyTorch, only to read official .pth checkpoints.
         "convert": ["torch==2.13.0"],
         "test": ["pytest", "torch==2.13.0"],
+        # The PyTorch peer for benchmarks/peer_hf.py.
+        "bench": ["torch==2.13.0", "transformers==5.23.0"],
     },
 )

@@ -4,6 +4,7 @@ Field names follow the official `main.py` arguments so a config reads like the o
 """
 import importlib.util
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -129,9 +130,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file such as configs/r50_sparse_detr_rho_0.1.py (run from the repo root)."""
+  """`get_config()` of a config file such as configs/r50_sparse_detr_rho_0.1.py."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such config file")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # config files import `configs.common`
+  if root not in sys.path:
+    sys.path.append(root)
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3].replace(".", "_"), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -126,3 +126,15 @@ def test_box_reference_points_scale_offsets_by_box_size():
   bias = np.asarray(params["params"]["sampling_offsets"]["bias"]).reshape(2, 1, 2, 2)
   expected = np.array([0.5, 0.25]) + bias / 2 * np.array([0.2, 0.4]) * 0.5
   np.testing.assert_allclose(np.asarray(locs)[0, 0], expected, atol=1e-6)
+
+
+def test_query_blocks_change_nothing():
+  """Blocks of 4 queries (with a padded last block) == one block, to float rounding (forward and gradients)."""
+  value, locs, weights = _inputs(seed=3, q=10)
+  one = lambda v, l, w: deformable_sample(v, SHAPES, l, w, query_chunk=10)
+  blocks = lambda v, l, w: deformable_sample(v, SHAPES, l, w, query_chunk=4)
+  np.testing.assert_allclose(np.asarray(blocks(value, locs, weights)), np.asarray(one(value, locs, weights)),
+                             rtol=1e-6, atol=1e-6)
+  grad = lambda f: jax.grad(lambda v, l, w: jnp.sum(f(v, l, w) ** 2), argnums=(0, 1, 2))(value, locs, weights)
+  for a, b in zip(grad(blocks), grad(one)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
