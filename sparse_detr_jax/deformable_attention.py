@@ -85,14 +85,14 @@ def deformable_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes, locatio
   (B, Q, M, L, P). Returns (B, Q, M * D).
 
   The gathered corners (B, M, Q * L * P * 4, D) are the op's one large intermediate (11.6 GB for a dense
-  800x1333 encoder layer at batch 2): queries go through in blocks of `query_chunk` (lax.map) and each
-  block is rematerialised in the backward pass (jax.checkpoint), so neither pass holds more than one
-  block's corners; the arithmetic per query is unchanged.
+  800x1333 encoder layer at batch 2): more than `query_chunk` queries go through in blocks of that size
+  (lax.map), each rematerialised in the backward pass (jax.checkpoint), so neither pass holds more than
+  one block's corners; the arithmetic per query is unchanged.
   """
   b, q = locations.shape[:2]
+  if q <= query_chunk:  # small enough to keep for the backward pass (decoder, sparse encoder, small images)
+    return _sample_chunk(value, spatial_shapes, locations, attention_weights)
   block = jax.checkpoint(functools.partial(_sample_chunk, spatial_shapes=spatial_shapes))
-  if q <= query_chunk:
-    return block(value, locations=locations, attention_weights=attention_weights)
   n_chunks = -(-q // query_chunk)
   pad = n_chunks * query_chunk - q  # padded queries sample with weight 0 and are cut off below
 
