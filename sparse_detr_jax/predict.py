@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from sparse_detr_jax import evaluator, trainer, visualize
+from sparse_detr_jax import evaluator, postprocess, trainer, visualize
 from sparse_detr_jax.data import categories, pipeline, sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
@@ -59,20 +59,18 @@ def predict(model, variables: dict, paths: list[str], data_config: ml_collection
   ('error' instead of detections when the image cannot be decoded), {image id (1-based position):
   mechanism picture} when `mechanism`)."""
   source = sources.ImageFiles(paths)
-  mesh = trainer.data_mesh()
-  predict_fn = evaluator.make_predict(model, mesh)
-  forward = jax.jit(model.apply)
+  forward, detect = jax.jit(model.apply), jax.jit(postprocess.postprocess)  # one device: a few images
   found: dict[int, list] = {int(i): [] for i in source.image_ids}
   unreadable, pictures = set(), {}
-  for local in pipeline.iterate(pipeline.eval_dataset(source, data_config, batch_size * mesh.devices.size), 0):
-    g = evaluator.global_batch(mesh, {k: local[k] for k in ("image", "padding_mask", "orig_size")})
-    det = jax.tree.map(np.asarray, predict_fn(variables, g["image"], g["padding_mask"], g["orig_size"]))
+  for local in pipeline.iterate(pipeline.eval_dataset(source, data_config, batch_size), 0):
+    out = forward(variables, local["image"], local["padding_mask"])
+    det = jax.tree.map(np.asarray, detect(out, local["orig_size"]))
     unreadable.update(int(i) for i in local["image_id"][local["skipped"] > 0])
     for d in evaluator.detections_to_coco(local["image_id"], det):
       if d["score"] >= threshold:
         found[d["image_id"]].append({k: d[k] for k in ("category_id", "bbox", "score")})
     if mechanism:
-      pictures.update(mechanism_pictures(forward(variables, local["image"], local["padding_mask"]), local))
+      pictures.update(mechanism_pictures(out, local))
   out = []
   for i, path in zip(source.image_ids, source.paths):
     w, h = (int(v) for v in source.sizes[i - 1])
