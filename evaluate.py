@@ -6,15 +6,17 @@
 Prints the standard 12-number COCO table and writes eval_results.json / eval_metrics.json
 (with per-class AP) to --workdir (or next to --checkpoint).
 """
+
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_detr_jax import evaluator, trainer
+from sparse_detr_jax import evaluator, loop, trainer
 from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "a training workdir: evaluate its latest checkpoint")
 flags.DEFINE_string("checkpoint", None, "checkpoint step directory or official .pth")
+flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
@@ -23,11 +25,20 @@ def main(argv):
   del argv
   cfg = FLAGS.config
   trainer.quiet_orbax_logs()
+  loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError("give --workdir or --checkpoint")
   model, variables, out = trainer.load_for_inference(cfg, FLAGS.workdir, FLAGS.checkpoint)
-  evaluator.evaluate(model, variables, sources.build_source(cfg.data, "val"), cfg.data, cfg.eval.batch_size,
-                     trainer.data_mesh(), out, tag="eval")
+  evaluator.evaluate(
+    model,
+    variables,
+    sources.build_source(cfg.data, "val"),
+    cfg.data,
+    cfg.eval.batch_size,
+    trainer.data_mesh(),
+    out,
+    tag="eval",
+  )
 
 
 if __name__ == "__main__":

@@ -1,35 +1,39 @@
 """sparse-detr-jax: JAX/Flax reference implementation of Sparse DETR (Roh et al., ICLR 2022)."""
+
 from setuptools import find_packages, setup
 
 setup(
-    name="sparse-detr-jax",
-    version="0.1.0",
-    description="Sparse DETR (learnable encoder-token sparsity) in JAX/Flax, with official-checkpoint parity",
-    packages=find_packages(include=["sparse_detr_jax", "sparse_detr_jax.*"]),
-    python_requires=">=3.11",
-    install_requires=[
-        "jax>=0.10,<0.11",
-        "jaxlib>=0.10,<0.11",
-        "flax>=0.12,<0.13",
-        "optax",
-        "orbax-checkpoint>=0.12,<0.13",
-        "numpy",
-        "scipy",
-        "pycocotools",
-        "ml_collections",
-        "absl-py",
-        "pillow",
-        "grain",
-        "tensorflow-datasets",
-        "array_record",
-        "importlib_resources",
-        "tensorboardX",  # tensorflow-datasets imports it without declaring it
-    ],
-    extras_require={
-        # CPU build of PyTorch, only to read official .pth checkpoints.
-        "convert": ["torch==2.13.0"],
-        "test": ["pytest", "torch==2.13.0"],
-        # The PyTorch peer for benchmarks/peer_hf.py.
-        "bench": ["torch==2.13.0", "transformers==5.23.0"],
-    },
+  name="sparse-detr-jax",
+  version="0.1.0",
+  description="Sparse DETR (learnable encoder-token sparsity) in JAX/Flax, with official-checkpoint parity",
+  packages=find_packages(include=["sparse_detr_jax", "sparse_detr_jax.*"]),
+  python_requires=">=3.11",
+  # Compatible ranges for projects that depend on this library; constraints.txt pins the exact versions
+  # the suite passed with (`make install` uses it, `make lock` regenerates it).
+  install_requires=[
+    "jax>=0.10,<0.11",
+    "jaxlib>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "numpy>=2.0,<3",
+    "scipy>=1.13,<2",
+    "pycocotools>=2.0.8,<3",
+    "ml_collections>=1.0,<2",
+    "absl-py>=2.1,<3",
+    "pillow>=10,<14",
+    "grain>=0.2.12,<0.3",
+    "tensorflow-datasets>=4.9.7,<5",
+    "array_record>=0.7,<0.9",
+    "importlib_resources>=6",
+    "tensorboardX>=2.6,<3",  # tensorflow-datasets imports it without declaring it
+  ],
+  extras_require={
+    # CPU build of PyTorch, only to read official .pth checkpoints.
+    "convert": ["torch==2.13.0"],
+    "test": ["pytest>=8,<10", "torch==2.13.0"],
+    "lint": ["ruff>=0.17,<0.18"],
+    # The PyTorch peer for benchmarks/peer_hf.py.
+    "bench": ["torch==2.13.0", "transformers==5.23.0"],
+  },
 )

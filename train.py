@@ -1,14 +1,20 @@
 """Train Sparse DETR: `python train.py --config configs/NAME.py --workdir DIR [--config.train.batch_size=4 ...]`.
 
-Rerunning with the same workdir resumes from its latest checkpoint. Multi-host: run one process per
-host with `--coordinator_address HOST:PORT --num_processes N --process_id I`, or `--multihost` where
-jax.distributed.initialize() finds the cluster itself (TPU pods, SLURM).
+Rerunning with the same workdir resumes from its latest checkpoint (the workdir's config.json must
+match in every field that matters). Multi-host: run one process per host with `--coordinator_address
+HOST:PORT --num_processes N --process_id I`, or `--multihost` where jax.distributed.initialize() finds
+the cluster itself (TPU pods, SLURM).
+
+Preemption: on SIGTERM (one host) or JAX's preemption notice (any host of a pod), every host saves a
+checkpoint at the same next step and exits with status 0; rerunning the same command resumes there.
 """
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_detr_jax import config as config_lib, trainer
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import loop, trainer
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and eval results go here")
@@ -16,6 +22,11 @@ flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() with it
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (explicit multi-process set-up)")
 flags.DEFINE_integer("num_processes", 1, "with --coordinator_address")
 flags.DEFINE_integer("process_id", 0, "with --coordinator_address")
+flags.DEFINE_string(
+  "compilation_cache_dir",
+  loop.DEFAULT_CACHE_DIR,
+  "JAX's persistent compilation cache ('' = off): reruns and resumed runs load compiled steps",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -34,6 +45,7 @@ def main(argv):
   del argv
   init_distributed()
   trainer.quiet_orbax_logs()
+  loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   config_lib.validate(FLAGS.config.model)
   logging.info("%d processes, %d devices (%d local)", jax.process_count(), jax.device_count(), jax.local_device_count())
   trainer.train(FLAGS.config, FLAGS.workdir)

@@ -6,6 +6,7 @@ Writes a shapes dataset with 600-640 pixel images (COCO's sizes) to a temporary 
 times host-local batches (decode, augment, normalise, pad to a bucket) with 0 (in-process), 1 and 2
 grain worker processes; the ratio column is against the in-process loader of the same run.
 """
+
 import argparse
 import json
 import pathlib
@@ -27,10 +28,12 @@ def write_dataset(root: pathlib.Path, n: int) -> None:
     img, objects = shapes.draw_image(rng, long_side=(600, 640))
     img.save(root / "train" / f"{k}.jpg", quality=90)
     images.append({"id": k + 1, "file_name": f"{k}.jpg", "width": img.width, "height": img.height})
-    anns += [{"id": len(anns) + 1, "image_id": k + 1, "category_id": c, "bbox": b, "iscrowd": 0, "area": 1}
-             for c, b in objects]
+    anns += [
+      {"id": len(anns) + 1, "image_id": k + 1, "category_id": c, "bbox": b, "iscrowd": 0, "area": 1} for c, b in objects
+    ]
   (root / "annotations" / "instances_train.json").write_text(
-      json.dumps({"images": images, "annotations": anns, "categories": shapes.CATEGORIES}))
+    json.dumps({"images": images, "annotations": anns, "categories": shapes.CATEGORIES})
+  )
 
 
 def main() -> None:
@@ -40,8 +43,7 @@ def main() -> None:
   a = p.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     write_dataset(pathlib.Path(tmp), a.images)
-    d = config_lib.data_config(coco_dir=tmp, train_images="train",
-                               train_annotations="annotations/instances_train.json")
+    d = config_lib.data_config(coco_dir=tmp, train_images="train", train_annotations="annotations/instances_train.json")
     src = sources.build_source(d, "train")
     n_batches = a.images // a.batch
     print("| workers | images/s | vs in-process |\n|---|---|---|")

@@ -8,6 +8,7 @@ loader does (no pixels needed). Compared against one square max_size x max_size 
 a static-shape pipeline without buckets needs, and against per-batch max padding (the official
 dynamic shapes, which recompile on every new shape under jit).
 """
+
 import argparse
 
 import numpy as np
@@ -33,7 +34,7 @@ def waste(planner: pipeline.Planner, hw: np.ndarray, epochs: int) -> tuple[float
   used = canvas = dyn_used = dyn = 0.0
   for e in range(epochs):
     plans, batches = planner.epoch(e)
-    out = np.array([transforms.output_hw(p, int(h), int(w)) for p, (h, w) in zip(plans, hw)])
+    out = np.array([transforms.output_hw(p, int(h), int(w)) for p, (h, w) in zip(plans, hw, strict=True)])
     for b in batches:
       idx = b.indices[b.indices >= 0]
       bh, bw = planner.spec.buckets[b.bucket]
@@ -42,7 +43,7 @@ def waste(planner: pipeline.Planner, hw: np.ndarray, epochs: int) -> tuple[float
     g = planner.global_batch
     order = np.random.default_rng(e).permutation(len(out))
     for s in range(0, len(order) - g + 1, g):
-      o = out[order[s:s + g]]
+      o = out[order[s : s + g]]
       dyn_used += o.prod(1).sum()
       dyn += o[:, 0].max() * o[:, 1].max() * g
   return 1 - used / canvas, 1 - dyn_used / dyn
@@ -56,16 +57,19 @@ def main() -> None:
   wh = coco_like_sizes(a.images, np.random.default_rng(0))
   hw = wh[:, ::-1]
   spec = pipeline.data_spec(config_lib.data_config())
-  square = spec.max_size ** 2
+  square = spec.max_size**2
   print(f"buckets (h, w): {spec.buckets}")
-  print("| split | global batch | bucketed waste | official random batches, per-batch max (dynamic shapes) | one square canvas waste |")
+  print(
+    "| split | global batch | bucketed waste | official random batches, per-batch max (dynamic shapes) "
+    "| one square canvas waste |"
+  )
   print("|---|---|---|---|---|")
   for split in ("train", "val"):
     for g in a.global_batch:
       planner = pipeline.Planner(wh, spec, g, seed=0, train=split == "train")
       ours, dyn = waste(planner, hw, epochs=2 if split == "train" else 1)
       plans = planner.epoch(0)[0]
-      out = np.array([transforms.output_hw(p, int(h), int(w)) for p, (h, w) in zip(plans, hw)])
+      out = np.array([transforms.output_hw(p, int(h), int(w)) for p, (h, w) in zip(plans, hw, strict=True)])
       sq = 1 - out.prod(1).mean() / square
       print(f"| {split} | {g} | {ours:.1%} | {dyn:.1%} | {sq:.1%} |")
 

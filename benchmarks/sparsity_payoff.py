@@ -5,6 +5,7 @@
 Prints GFLOPs (multiply-adds) and batch-4 FPS for each rho, and their ratios to rho 0 measured in the
 same run. Paper (R50, V100): GFLOPs 105.4 vs 177.3 (ratio 0.59), B4FPS 26.5 vs 18.2 (ratio 1.46) at rho 0.1.
 """
+
 import argparse
 import os
 import sys
@@ -12,7 +13,8 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sparse_detr_jax import benchmark, config as config_lib  # noqa: E402
+from sparse_detr_jax import benchmark
+from sparse_detr_jax import config as config_lib
 
 
 def main() -> None:
@@ -34,8 +36,10 @@ def main() -> None:
   print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}), canvas {a.height}x{a.width}")
   print(f"{'config':30s} {'rho':>4s} {'GFLOPs':>8s} {'x rho0':>7s} {'B4 FPS':>8s} {'x rho0':>7s}")
   for name, rho, r in rows:
-    print(f"{name:30s} {rho:4.1f} {r['gflops']:8.1f} {r['gflops'] / base['gflops']:7.3f} "
-          f"{r['fps_b4']:8.3f} {r['fps_b4'] / base['fps_b4']:7.3f}")
+    print(
+      f"{name:30s} {rho:4.1f} {r['gflops']:8.1f} {r['gflops'] / base['gflops']:7.3f} "
+      f"{r['fps_b4']:8.3f} {r['fps_b4'] / base['fps_b4']:7.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ baseline (Deformable DETR + top-k & BBR, rho 0) at 800x1333, batch 2.
     .venv/bin/python benchmarks/train_step.py [--cases demo,r50_rho0,r50_rho0.1] [--steps 3]
 
 Each case runs in a fresh process (so peak memory is its own): the jitted, donated train step of
-trainer.make_train_step on a random batch with 10 boxes per image (the demo: 8, its max_boxes), timed warm over `--steps` steps.
+trainer.make_train_step on a random batch with 10 boxes per image (the demo: 8, its max_boxes), timed warm
+over `--steps` steps.
 Memory: peak resident set size of the process (CPU; includes compilation) and, on an accelerator,
 the device's peak bytes in use. Ratios are against the dense rho 0 case of the same run.
 """
+
 import argparse
 import json
 import resource
@@ -16,19 +18,21 @@ import sys
 import time
 
 CASES = {  # name: (config file, canvas (h, w), per-device batch)
-    "demo": ("configs/shapes_demo.py", (96, 128), 8),
-    "r50_rho0": ("configs/r50_efficient_detr.py", (800, 1333), 2),
-    "r50_rho0.1": ("configs/r50_sparse_detr_rho_0.1.py", (800, 1333), 2),
+  "demo": ("configs/shapes_demo.py", (96, 128), 8),
+  "r50_rho0": ("configs/r50_efficient_detr.py", (800, 1333), 2),
+  "r50_rho0.1": ("configs/r50_sparse_detr_rho_0.1.py", (800, 1333), 2),
 }
 
 
 def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: int) -> tuple[float, float]:
   """(first step incl. compilation, warm step) seconds of the config's train step on a random batch."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from sparse_detr_jax import config as config_lib, evaluator, model as model_lib, optim, trainer
+  from sparse_detr_jax import config as config_lib
+  from sparse_detr_jax import loop, optim, trainer
+  from sparse_detr_jax import model as model_lib
+
   (h, w) = hw
   cfg = config_lib.load_config_file(config_path)
   cfg.train.batch_size = per_device
@@ -38,17 +42,23 @@ def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: 
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
   params = variables.pop("params")
   tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, n, 1000)
-  state = trainer.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(1), variables)
+  state = trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(1), variables)
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   rng = np.random.default_rng(0)
   m = cfg.data.max_boxes
   k = min(10, m)
   boxes = np.zeros((n, m, 4), np.float32)
   boxes[:, :k] = np.concatenate([rng.uniform(0.2, 0.8, (n, k, 2)), rng.uniform(0.05, 0.3, (n, k, 2))], -1)
-  batch = evaluator.global_batch(mesh, {
-      "image": rng.normal(size=(n, h, w, 3)).astype(np.float32), "padding_mask": np.zeros((n, h, w), bool),
-      "labels": rng.integers(1, cfg.model.num_classes, (n, m)).astype(np.int32), "boxes": boxes,
-      "box_valid": np.arange(m)[None].repeat(n, 0) < k})
+  batch = loop.global_batch(
+    mesh,
+    {
+      "image": rng.normal(size=(n, h, w, 3)).astype(np.float32),
+      "padding_mask": np.zeros((n, h, w), bool),
+      "labels": rng.integers(1, cfg.model.num_classes, (n, m)).astype(np.int32),
+      "boxes": boxes,
+      "box_valid": np.arange(m)[None].repeat(n, 0) < k,
+    },
+  )
   step = trainer.make_train_step(model, cfg, tx, mesh, schedules)
   start = time.perf_counter()
   state, metrics = step(state, batch)
@@ -63,14 +73,22 @@ def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: 
 
 def measure(name: str, steps: int) -> dict:
   import jax
+
   path, (h, w), per_device = CASES[name]
   first, sec = step_seconds(path, (h, w), per_device, steps)
   n = per_device * jax.device_count()
   stats = jax.devices()[0].memory_stats() or {}
-  return {"case": name, "device": jax.devices()[0].device_kind, "canvas": f"{h}x{w}", "batch": n,
-          "first_step_s": first, "step_s": sec, "images_per_s": n / sec,
-          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          "device_peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30}
+  return {
+    "case": name,
+    "device": jax.devices()[0].device_kind,
+    "canvas": f"{h}x{w}",
+    "batch": n,
+    "first_step_s": first,
+    "step_s": sec,
+    "images_per_s": n / sec,
+    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    "device_peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+  }
 
 
 def main() -> None:
@@ -84,26 +102,34 @@ def main() -> None:
     return
   rows = []
   for name in a.cases.split(","):
-    out = subprocess.run([sys.executable, __file__, "--case", name, "--steps", str(a.steps)], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+      [sys.executable, __file__, "--case", name, "--steps", str(a.steps)], capture_output=True, text=True
+    )
     if out.returncode:  # e.g. out of memory: reported as a row, the other cases still run
       error = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line]
-      print(f"case {name} failed: {(error or ['exit %d' % out.returncode])[-1][:300]}", file=sys.stderr)
+      print(f"case {name} failed: {(error or [f'exit {out.returncode}'])[-1][:300]}", file=sys.stderr)
       rows.append({"case": name, "failed": (error or ["?"])[-1][:120]})
       continue
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
   base = next((r for r in rows if r["case"] == "r50_rho0" and "failed" not in r), None)
-  print("| case | device | canvas | batch | first step s | step s | images/s | peak RSS GiB | device peak GiB "
-        "| time vs rho 0 | RSS vs rho 0 |\n|---|---|---|---|---|---|---|---|---|---|---|")
+  print(
+    "| case | device | canvas | batch | first step s | step s | images/s | peak RSS GiB | device peak GiB "
+    "| time vs rho 0 | RSS vs rho 0 |\n|---|---|---|---|---|---|---|---|---|---|---|"
+  )
   for r in rows:
     if "failed" in r:
       print(f"| {r['case']} | failed: {r['failed']} |")
       continue
-    ratio = (f"{r['step_s'] / base['step_s']:.2f} | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f}"
-             if base and r["case"].startswith("r50") else "- | -")
-    print(f"| {r['case']} | {r['device']} | {r['canvas']} | {r['batch']} | {r['first_step_s']:.1f} | "
-          f"{r['step_s']:.2f} | {r['images_per_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['device_peak_gib']:.2f} | "
-          f"{ratio} |")
+    ratio = (
+      f"{r['step_s'] / base['step_s']:.2f} | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f}"
+      if base and r["case"].startswith("r50")
+      else "- | -"
+    )
+    print(
+      f"| {r['case']} | {r['device']} | {r['canvas']} | {r['batch']} | {r['first_step_s']:.1f} | "
+      f"{r['step_s']:.2f} | {r['images_per_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['device_peak_gib']:.2f} | "
+      f"{ratio} |"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Official: python main.py
 Published (COCO val2017, 50 epochs): AP 43.9, #Params 39.8M, GFLOPs 172.9G, B4FPS 19.1.
 """
+
 from configs import common
 
 

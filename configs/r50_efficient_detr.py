@@ -3,6 +3,7 @@
 Official: configs/r50_efficient_detr.sh (main.py --with_box_refine --two_stage --eff_query_init --eff_specific_head)
 Published (COCO val2017, 50 epochs): AP 46.0, #Params 40.8M, GFLOPs 177.3G, B4FPS 18.2.
 """
+
 from configs import common
 
 

@@ -1,8 +1,10 @@
 """Sparse DETR, rho = 0.3, ResNet-50 backbone (a row of the paper's Table 1).
 
-Official: configs/r50_sparse_detr_rho_0.3.sh (main.py --with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho 0.3)
+Official: configs/r50_sparse_detr_rho_0.3.sh
+    (main.py --with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho 0.3)
 Published (COCO val2017, 50 epochs): AP 46.0, #Params 40.9M, GFLOPs 120.5G, B4FPS 23.2.
 """
+
 from configs import common
 
 

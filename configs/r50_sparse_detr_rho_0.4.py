@@ -1,8 +1,10 @@
 """Sparse DETR, rho = 0.4, ResNet-50 backbone (a row of the paper's Table 1).
 
-Official: configs/r50_sparse_detr_rho_0.4.sh (main.py --with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho 0.4)
+Official: configs/r50_sparse_detr_rho_0.4.sh
+    (main.py --with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho 0.4)
 Published (COCO val2017, 50 epochs): AP 46.2, #Params 40.9M, GFLOPs 128.0G, B4FPS 21.8.
 """
+
 from configs import common
 
 

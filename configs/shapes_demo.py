@@ -12,20 +12,48 @@ shapes dataset, with the small from-scratch `small_convnet` backbone (strides 8-
 5 epochs of 2000 images at batch 8 (~1240 steps, ~0.4 s each on 2 CPU cores), lr x0.1 after epoch 4.
 Results: see the README ("The CPU demo").
 """
+
 from configs import common
 
 
 def get_config():
   c = common.sparse_detr("small_convnet", rho=0.1)
-  c.model.update(num_classes=7, enc_layers=2, dec_layers=2, dim_feedforward=256, num_queries=50, dropout=0.0,
-                 enc_n_points=4, dec_n_points=4)
-  c.data.update(coco_dir="data/shapes", train_images="train", val_images="val",
-                train_annotations="annotations/instances_train.json",
-                val_annotations="annotations/instances_val.json",
-                scales=[64, 72, 80, 88, 96], max_size=128, crop_resize=[64, 80], crop_size=(48, 64), val_size=80,
-                buckets=[(96, 128), (128, 96), (112, 112)], max_boxes=8, num_workers=1)
+  c.model.update(
+    num_classes=7,
+    enc_layers=2,
+    dec_layers=2,
+    dim_feedforward=256,
+    num_queries=50,
+    dropout=0.0,
+    enc_n_points=4,
+    dec_n_points=4,
+  )
+  c.data.update(
+    coco_dir="data/shapes",
+    train_images="train",
+    val_images="val",
+    train_annotations="annotations/instances_train.json",
+    val_annotations="annotations/instances_val.json",
+    scales=(64, 72, 80, 88, 96),
+    max_size=128,
+    crop_resize=(64, 80),
+    crop_size=(48, 64),
+    val_size=80,
+    buckets=((96, 128), (128, 96), (112, 112)),
+    max_boxes=8,
+    num_workers=1,
+  )
   # The backbone is trained from scratch, so at the full learning rate (official: 2e-5 for a pretrained one).
-  c.train.update(batch_size=8, epochs=5, lr_drop=4, lr=2e-4, lr_backbone=2e-4, checkpoint_every=200,
-                 log_every=50, eval_at_end=False, picture_every_steps=400)
+  c.train.update(
+    batch_size=8,
+    epochs=5,
+    lr_drop=4,
+    lr=2e-4,
+    lr_backbone=2e-4,
+    checkpoint_every=200,
+    log_every=50,
+    eval_at_end=False,
+    picture_every_steps=400,
+  )
   c.eval.batch_size = 8
   return c

@@ -4,18 +4,30 @@
     python -m sparse_detr_jax.data.shapes data/shapes --train 800 --val 100
     python train.py --config configs/shapes_tiny.py --workdir runs/tiny
 """
+
 from configs import common
 
 
 def get_config():
   c = common.sparse_detr("none", rho=0.1)
-  c.model.update(num_classes=7, num_feature_levels=2, enc_layers=1, dec_layers=1, dim_feedforward=64,
-                 num_queries=10, dropout=0.0)
-  c.data.update(coco_dir="data/shapes", train_images="train", val_images="val",
-                train_annotations="annotations/instances_train.json",
-                val_annotations="annotations/instances_val.json",
-                scales=[32, 40], max_size=64, crop_resize=[32], crop_size=(24, 32), val_size=32,
-                buckets=[(40, 64), (64, 40), (48, 48)], max_boxes=6, num_workers=0)
+  c.model.update(
+    num_classes=7, num_feature_levels=2, enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=10, dropout=0.0
+  )
+  c.data.update(
+    coco_dir="data/shapes",
+    train_images="train",
+    val_images="val",
+    train_annotations="annotations/instances_train.json",
+    val_annotations="annotations/instances_val.json",
+    scales=(32, 40),
+    max_size=64,
+    crop_resize=(32,),
+    crop_size=(24, 32),
+    val_size=32,
+    buckets=((40, 64), (64, 40), (48, 48)),
+    max_boxes=6,
+    num_workers=0,
+  )
   # The on-device matcher (exact, like scipy's): steps without host callbacks persist in JAX's compilation
   # cache, so the many short test runs compile once.
   c.loss.matcher = "jax"

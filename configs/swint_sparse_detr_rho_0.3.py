@@ -1,8 +1,11 @@
 """Sparse DETR, rho = 0.3, Swin-T backbone (a row of the paper's Table 1).
 
-Official: configs/swint_sparse_detr_rho_0.3.sh (main.py --backbone swin-t --with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho 0.3)
+Official: configs/swint_sparse_detr_rho_0.3.sh
+    (main.py --backbone swin-t --with_box_refine --two_stage --eff_query_init --eff_specific_head
+      --use_enc_aux_loss --rho 0.3)
 Published (COCO val2017, 50 epochs): AP 49.1, #Params 41.4M, GFLOPs 128.5G, B4FPS 18.9.
 """
+
 from configs import common
 
 

@@ -7,9 +7,10 @@ unit fvcore (used by the paper) reports. FPS is images per second of the jitted 
 and 4, warm, synchronised with block_until_ready, on random weights (speed does not depend on them).
 The last line is machine-readable: params_m=<float> gflops=<float> fps_b1=<float> fps_b4=<float>.
 """
+
 import argparse
 import time
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +33,12 @@ def forward_flops(apply, variables, height: int, width: int) -> float:
   return float(cost["flops"])
 
 
-def images_per_second(apply, variables, batch: int, height: int, width: int, min_seconds: float = 3.0,
-                      min_iters: int = 3) -> float:
+def images_per_second(
+  apply, variables, batch: int, height: int, width: int, min_seconds: float = 3.0, min_iters: int = 3
+) -> float:
   """Warm, synchronised throughput of the jitted forward."""
   images, mask = _inputs(batch, height, width)
-  jax.block_until_ready(apply(variables, images, mask))   # compile + warm-up
+  jax.block_until_ready(apply(variables, images, mask))  # compile + warm-up
   iters, start = 0, time.perf_counter()
   while iters < min_iters or time.perf_counter() - start < min_seconds:
     jax.block_until_ready(apply(variables, images, mask))
@@ -44,14 +46,21 @@ def images_per_second(apply, variables, batch: int, height: int, width: int, min
   return batch * iters / (time.perf_counter() - start)
 
 
-def measure(model_config: ml_collections.ConfigDict, height: int, width: int,
-            batch_sizes: Sequence[int] = (1, 4), min_seconds: float = 3.0) -> Dict[str, float]:
+def measure(
+  model_config: ml_collections.ConfigDict,
+  height: int,
+  width: int,
+  batch_sizes: Sequence[int] = (1, 4),
+  min_seconds: float = 3.0,
+) -> dict[str, float]:
   """params_m, gflops (multiply-adds) and fps_b<N> of one model config at one canvas size."""
   model = model_lib.build_model(model_config)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
   apply = jax.jit(model.apply)
-  out = {"params_m": sum(x.size for x in jax.tree_util.tree_leaves(variables["params"])) / 1e6,
-         "gflops": forward_flops(apply, variables, height, width) / 2 / 1e9}
+  out = {
+    "params_m": sum(x.size for x in jax.tree_util.tree_leaves(variables["params"])) / 1e6,
+    "gflops": forward_flops(apply, variables, height, width) / 2 / 1e9,
+  }
   for b in batch_sizes:
     out[f"fps_b{b}"] = images_per_second(apply, variables, b, height, width, min_seconds)
   return out
@@ -69,8 +78,10 @@ def main(argv=None) -> None:
   if a.dtype:
     cfg.model.dtype = a.dtype
   r = measure(cfg.model, a.height, a.width, min_seconds=a.min_seconds)
-  print(f"{a.config} ({cfg.model.dtype}) on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"canvas {a.height}x{a.width}")
+  print(
+    f"{a.config} ({cfg.model.dtype}) on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    f"canvas {a.height}x{a.width}"
+  )
   print(f"params_m={r['params_m']:.2f} gflops={r['gflops']:.1f} fps_b1={r['fps_b1']:.3f} fps_b4={r['fps_b4']:.3f}")
 
 

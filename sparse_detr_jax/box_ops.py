@@ -1,4 +1,5 @@
 """Box utilities shared by the model, the losses and post-processing (boxes are (cx, cy, w, h) unless named)."""
+
 import jax.numpy as jnp
 
 INVERSE_SIGMOID_EPS = 1e-5

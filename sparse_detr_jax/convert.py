@@ -10,13 +10,15 @@ besides tensors: a pickle that would run code is refused. Every official key map
 variable; keys the official model stores twice (shared heads, `transformer.decoder.class_embed` ...)
 must hold equal tensors. Unknown, missing or mis-shaped keys are an error that lists them.
 """
+
 import argparse
 import json
 import os
 import pickle
 import re
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +27,38 @@ import numpy as np
 from flax import traverse_util
 
 from sparse_detr_jax import config as config_lib
+from sparse_detr_jax.model import (
+  SparseDETR,
+  build_model,
+  heads_are_cloned,
+  init_variables,
+  num_prediction_heads,
+  variable_shapes,
+)
 from sparse_detr_jax.swin import relative_position_index
-from sparse_detr_jax.model import (SparseDETR, build_model, heads_are_cloned, init_variables, num_prediction_heads,
-                                   variable_shapes)
 
-Path = Tuple[str, ...]
+Path = tuple[str, ...]
 # The official argparse fields that define the architecture (see config.model_config).
-ARCH_ARGS = ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "dropout",
-             "num_feature_levels", "enc_n_points", "dec_n_points", "num_queries", "with_box_refine", "two_stage",
-             "eff_query_init", "eff_specific_head", "use_enc_aux_loss", "rho", "aux_loss")
+ARCH_ARGS = (
+  "backbone",
+  "hidden_dim",
+  "nheads",
+  "enc_layers",
+  "dec_layers",
+  "dim_feedforward",
+  "dropout",
+  "num_feature_levels",
+  "enc_n_points",
+  "dec_n_points",
+  "num_queries",
+  "with_box_refine",
+  "two_stage",
+  "eff_query_init",
+  "eff_specific_head",
+  "use_enc_aux_loss",
+  "rho",
+  "aux_loss",
+)
 
 
 def _linear(w: np.ndarray) -> np.ndarray:
@@ -48,7 +73,7 @@ def _same(w: np.ndarray) -> np.ndarray:
   return w
 
 
-def _param_kind(leaf: str, ndim: int) -> Tuple[str, Callable[[np.ndarray], np.ndarray]]:
+def _param_kind(leaf: str, ndim: int) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
   """Flax leaf name and transform for a torch leaf of a Linear / norm / conv module."""
   if leaf == "bias":
     return "bias", _same
@@ -70,7 +95,7 @@ class KeyMapper:
   def head(self, i: int) -> str:
     return str(i if self.cloned else 0)
 
-  def __call__(self, key: str, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
+  def __call__(self, key: str, ndim: int) -> tuple[str, Path, Callable] | None:
     parts = key.split(".")
     leaf = parts[-1]
     m = re.fullmatch(r"transformer\.(encoder|decoder)\.class_embed\.(\d+)\.(weight|bias)", key)
@@ -99,8 +124,13 @@ class KeyMapper:
       return "params", (f"input_proj_{m.group(1)}", "conv" if m.group(2) == "0" else "norm", name), fn
     m = re.fullmatch(r"transformer\.enc_mask_predictor\.layer([12])\.(\d)\.(weight|bias)", key)
     if m:
-      sub = {("1", "0"): "layer1_norm", ("1", "1"): "layer1_linear", ("2", "0"): "layer2_linear0",
-             ("2", "2"): "layer2_linear1", ("2", "4"): "layer2_linear2"}.get((m.group(1), m.group(2)))
+      sub = {
+        ("1", "0"): "layer1_norm",
+        ("1", "1"): "layer1_linear",
+        ("2", "0"): "layer2_linear0",
+        ("2", "2"): "layer2_linear1",
+        ("2", "4"): "layer2_linear2",
+      }.get((m.group(1), m.group(2)))
       if sub is None:
         return None
       name, fn = _param_kind(leaf, ndim)
@@ -113,9 +143,14 @@ class KeyMapper:
       return "params", (layer, *mod, name), fn
     m = re.fullmatch(r"transformer\.decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", key)
     if m:
-      return ("params", (f"decoder_layers_{m.group(1)}", "self_attn", "in_proj_" + ("kernel" if ndim == 2 else "bias")),
-              _linear if ndim == 2 else _same)
-    m = re.fullmatch(r"transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)", key)
+      return (
+        "params",
+        (f"decoder_layers_{m.group(1)}", "self_attn", "in_proj_" + ("kernel" if ndim == 2 else "bias")),
+        _linear if ndim == 2 else _same,
+      )
+    m = re.fullmatch(
+      r"transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(weight|bias)", key
+    )
     if m:
       name, fn = _param_kind(leaf, ndim)
       return "params", (m.group(1), name), fn
@@ -123,7 +158,7 @@ class KeyMapper:
       return self.backbone(parts[3:], ndim)
     return None
 
-  def backbone(self, parts, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
+  def backbone(self, parts, ndim: int) -> tuple[str, Path, Callable] | None:
     """ResNet-50 (torchvision names; frozen BN tensors go to `batch_stats`) or Swin -> backbone/..."""
     if self.c.backbone == "swin-t":
       return self.swin(parts, ndim)
@@ -143,9 +178,8 @@ class KeyMapper:
       return "params", path + ("kernel",), _conv
     return None
 
-
   @staticmethod
-  def swin(parts, ndim: int) -> Optional[Tuple[str, Path, Callable]]:
+  def swin(parts, ndim: int) -> tuple[str, Path, Callable] | None:
     """Official Swin names: layers.i.blocks.j.X / layers.i.downsample.X / patch_embed.X / normI."""
     name = ".".join(parts[:-1])
     leaf = parts[-1]
@@ -166,7 +200,7 @@ class KeyMapper:
     return "params", ("backbone", *path, kind), fn
 
 
-def swin_config_from_state(state: Dict[str, np.ndarray]) -> Dict[str, Any]:
+def swin_config_from_state(state: dict[str, np.ndarray]) -> dict[str, Any]:
   """Swin widths, depths, heads and window size read off a state_dict's tensor shapes."""
   pre = "backbone.0.body."
   embed = int(state[pre + "patch_embed.proj.weight"].shape[0])
@@ -176,21 +210,24 @@ def swin_config_from_state(state: Dict[str, np.ndarray]) -> Dict[str, Any]:
     depths.append(len({k.split(".")[6] for k in state if k.startswith(f"{pre}layers.{i}.blocks.")}))
     heads.append(int(state[f"{pre}layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]))
   table = state[f"{pre}layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
-  window = (int(round(table ** 0.5)) + 1) // 2
+  window = (int(round(table**0.5)) + 1) // 2
   return dict(embed_dim=embed, depths=tuple(depths), num_heads=tuple(heads), window_size=window)
 
 
-def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, Any]]]:
+def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
   """Read an official .pth safely: (state_dict as float32 numpy, args as dict or None)."""
   import torch  # pylint: disable=import-outside-toplevel  (the `convert` extra)
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such checkpoint file")
   torch.serialization.add_safe_globals([argparse.Namespace])
   try:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    raise ValueError(f"{path}: refused to load: it holds objects other than tensors and argparse.Namespace, "
-                     f"which could run code; only weights-only checkpoints are accepted ({e})") from None
+    raise ValueError(
+      f"{path}: refused to load: it holds objects other than tensors and argparse.Namespace, "
+      f"which could run code; only weights-only checkpoints are accepted ({e})"
+    ) from None
   if isinstance(ckpt, dict) and "model" in ckpt:
     sd, args = ckpt["model"], ckpt.get("args")
   elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -201,7 +238,7 @@ def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str
   return state, (vars(args) if isinstance(args, argparse.Namespace) else args)
 
 
-def config_from_args(args: Dict[str, Any], state: Dict[str, np.ndarray]) -> ml_collections.ConfigDict:
+def config_from_args(args: dict[str, Any], state: dict[str, np.ndarray]) -> ml_collections.ConfigDict:
   """Model config from the official argparse values (and the class count from the head's shape)."""
   missing = [k for k in ARCH_ARGS if k not in args]
   if missing:
@@ -219,12 +256,13 @@ def config_from_args(args: Dict[str, Any], state: Dict[str, np.ndarray]) -> ml_c
   return c
 
 
-def convert_state_dict(state: Dict[str, np.ndarray], c: ml_collections.ConfigDict,
-                       skip: Callable[[str], bool] = lambda k: False) -> Dict[str, Any]:
+def convert_state_dict(
+  state: dict[str, np.ndarray], c: ml_collections.ConfigDict, skip: Callable[[str], bool] = lambda k: False
+) -> dict[str, Any]:
   """Official state_dict -> Flax variables {'params': ..., 'batch_stats': ...} checked against the model."""
   mapper = KeyMapper(c)
-  flat: Dict[Tuple[str, ...], np.ndarray] = {}
-  source: Dict[Tuple[str, ...], str] = {}
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  source: dict[tuple[str, ...], str] = {}
   unknown, conflicts = [], []
   for key, value in state.items():
     if key.endswith("num_batches_tracked") or skip(key):
@@ -250,23 +288,35 @@ def convert_state_dict(state: Dict[str, np.ndarray], c: ml_collections.ConfigDic
   expected = {k: v for k, v in expected.items() if not skip_path(k, skip)}
   missing = sorted("/".join(k) for k in expected if k not in flat)
   extra = sorted(source[k] for k in flat if k not in expected)
-  bad_shape = sorted(f"{source[k]}: {flat[k].shape} vs {expected[k].shape}" for k in flat
-                     if k in expected and flat[k].shape != expected[k].shape)
-  problems = [f"{name}: {items}" for name, items in (("unknown keys", unknown), ("keys with no Flax variable", extra),
-                                                       ("missing Flax variables", missing), ("shape mismatches", bad_shape),
-                                                       ("aliases that differ", conflicts)) if items]
+  bad_shape = sorted(
+    f"{source[k]}: {flat[k].shape} vs {expected[k].shape}"
+    for k in flat
+    if k in expected and flat[k].shape != expected[k].shape
+  )
+  problems = [
+    f"{name}: {items}"
+    for name, items in (
+      ("unknown keys", unknown),
+      ("keys with no Flax variable", extra),
+      ("missing Flax variables", missing),
+      ("shape mismatches", bad_shape),
+      ("aliases that differ", conflicts),
+    )
+    if items
+  ]
   if problems:
     raise ValueError("official state_dict does not match the model:\n  " + "\n  ".join(problems))
   return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
-def skip_path(path: Tuple[str, ...], skip: Callable[[str], bool]) -> bool:
+def skip_path(path: tuple[str, ...], skip: Callable[[str], bool]) -> bool:
   """Whether a Flax path belongs to a module the caller re-initialises (class heads when re-heading)."""
   return skip("class_embed.") and any(p.startswith("class_embed_") for p in path)
 
 
-def load_official(path: str, num_classes: Optional[int] = None, seed: int = 0
-                  ) -> Tuple[SparseDETR, Dict[str, Any], ml_collections.ConfigDict]:
+def load_official(
+  path: str, num_classes: int | None = None, seed: int = 0
+) -> tuple[SparseDETR, dict[str, Any], ml_collections.ConfigDict]:
   """Load an official checkpoint: (model, variables, config).
 
   num_classes: to fine-tune on another dataset, the class heads are dropped and re-initialised (official
@@ -290,9 +340,10 @@ def load_official(path: str, num_classes: Optional[int] = None, seed: int = 0
   return model, variables, c
 
 
-def save(out_dir: str, variables: Dict[str, Any], c: ml_collections.ConfigDict) -> None:
+def save(out_dir: str, variables: dict[str, Any], c: ml_collections.ConfigDict) -> None:
   """Write variables as an Orbax checkpoint (OUT_DIR/variables) and the model config (OUT_DIR/config.json)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
   out_dir = os.path.abspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
@@ -301,9 +352,10 @@ def save(out_dir: str, variables: Dict[str, Any], c: ml_collections.ConfigDict) 
     json.dump(c.to_dict(), f, indent=2, sort_keys=True)
 
 
-def load_converted(out_dir: str) -> Tuple[SparseDETR, Dict[str, Any], ml_collections.ConfigDict]:
+def load_converted(out_dir: str) -> tuple[SparseDETR, dict[str, Any], ml_collections.ConfigDict]:
   """Read what `save` wrote: (model, variables, config)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
   out_dir = os.path.abspath(out_dir)
   cfg_path = os.path.join(out_dir, "config.json")
   if not os.path.isfile(cfg_path):
@@ -336,7 +388,7 @@ if __name__ == "__main__":
   main(sys.argv[1:])
 
 
-def load_torchvision_resnet50(path: str, variables: Dict[str, Any]) -> Dict[str, Any]:
+def load_torchvision_resnet50(path: str, variables: dict[str, Any]) -> dict[str, Any]:
   """Replace the backbone of `variables` with torchvision's ResNet-50 ImageNet weights.
 
   `path`: a bare torchvision state_dict, e.g. resnet50-0676ba61.pth (as the official code starts from);
@@ -362,6 +414,8 @@ def load_torchvision_resnet50(path: str, variables: Dict[str, Any]) -> Dict[str,
     found.add(full)
   missing = sorted("/".join(k) for k in flat if k[1] == "backbone" and k not in found)
   if unknown or missing:
-    raise ValueError(f"{path}: not a torchvision ResNet-50 state_dict for this model: unknown or mis-shaped "
-                     f"{unknown[:10]}, missing {missing[:10]}")
+    raise ValueError(
+      f"{path}: not a torchvision ResNet-50 state_dict for this model: unknown or mis-shaped "
+      f"{unknown[:10]}, missing {missing[:10]}"
+    )
   return traverse_util.unflatten_dict(flat)

@@ -4,7 +4,8 @@ Every decoder sampling location splats its attention weight onto its 4 neighbour
 bilinear shares (official `util/dam.py::attn_map_to_flat_grid`: `floor(loc * size)`, no half-pixel
 shift, corners outside the level get nothing), summed over decoder layers and heads.
 """
-from typing import Dict, Sequence, Tuple
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,9 @@ import jax.numpy as jnp
 from sparse_detr_jax.deformable_attention import corner_indices_and_weights, level_start_index
 
 
-def attention_map(spatial_shapes: Sequence[Tuple[int, int]], locations: jnp.ndarray,
-                  weights: jnp.ndarray) -> jnp.ndarray:
+def attention_map(
+  spatial_shapes: Sequence[tuple[int, int]], locations: jnp.ndarray, weights: jnp.ndarray
+) -> jnp.ndarray:
   """DAM over the flat token grid. locations (B, L_dec, Q, M, L, P, 2), weights (B, L_dec, Q, M, L, P) -> (B, N)."""
   b = locations.shape[0]
   n = int(sum(h * w for h, w in spatial_shapes))
@@ -24,8 +26,8 @@ def attention_map(spatial_shapes: Sequence[Tuple[int, int]], locations: jnp.ndar
 def dam_target(dam: jnp.ndarray, padding_mask: jnp.ndarray, counts: jnp.ndarray) -> jnp.ndarray:
   """Binary target: the top counts[b] tokens of image b's DAM (padded tokens never). (B, N) float32."""
   k = dam.shape[1]
-  dam = jnp.where(padding_mask, jnp.min(dam) - 1, dam)   # below every real token, as official
-  _, order = jax.lax.top_k(dam, k)                        # (B, N) tokens by decreasing attention
+  dam = jnp.where(padding_mask, jnp.min(dam) - 1, dam)  # below every real token, as official
+  _, order = jax.lax.top_k(dam, k)  # (B, N) tokens by decreasing attention
   positive = jnp.arange(k)[None, :] < counts[:, None]
   return jax.vmap(lambda o, p: jnp.zeros((k,), jnp.float32).at[o].set(p.astype(jnp.float32)))(order, positive)
 
@@ -36,8 +38,9 @@ def mask_prediction_loss(scores: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarra
   return jnp.mean(jnp.mean(per_token, axis=1))
 
 
-def kept_attention_share(dam: jnp.ndarray, kept: jnp.ndarray, slot_valid: jnp.ndarray,
-                         spatial_shapes: Sequence[Tuple[int, int]]) -> Dict[str, jnp.ndarray]:
+def kept_attention_share(
+  dam: jnp.ndarray, kept: jnp.ndarray, slot_valid: jnp.ndarray, spatial_shapes: Sequence[tuple[int, int]]
+) -> dict[str, jnp.ndarray]:
   """The official `corr_mask_attn_map_dec_*` metrics: share of the DAM mass on kept tokens, overall and per level.
 
   dam (B, N); kept (B, K) token indices; slot_valid (B, K) the slots the official code counts.

@@ -6,9 +6,11 @@ bilinear weights and the attention weight are folded into one weight per corner,
 read with one packed gather from the flat (all-level) value tensor. Queries go in blocks, each
 rematerialised for the backward pass, so memory stays bounded at full COCO resolution.
 """
+
 import functools
 import math
-from typing import Any, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,7 +19,7 @@ import numpy as np
 
 from sparse_detr_jax import layers
 
-SpatialShapes = Sequence[Tuple[int, int]]
+SpatialShapes = Sequence[tuple[int, int]]
 # Queries per block in deformable_sample: 4096 x 8 heads x 64 corners x 32 channels x 4 B = 268 MB of
 # gathered corners per image.
 QUERY_CHUNK = 4096
@@ -29,8 +31,9 @@ def level_start_index(spatial_shapes: SpatialShapes) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
 
 
-def corner_indices_and_weights(spatial_shapes: SpatialShapes, locations: jnp.ndarray, weights: jnp.ndarray,
-                               pixel_offset: float = 0.5) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def corner_indices_and_weights(
+  spatial_shapes: SpatialShapes, locations: jnp.ndarray, weights: jnp.ndarray, pixel_offset: float = 0.5
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Flat token index and folded weight of each bilinear corner of each sampling point.
 
   locations: (..., L, P, 2) normalised (x, y) in the padded canvas; weights: (..., L, P).
@@ -39,46 +42,52 @@ def corner_indices_and_weights(spatial_shapes: SpatialShapes, locations: jnp.nda
   Returns idx (..., L, P, 4) int32 into the all-level token axis, and w (..., L, P, 4) with
   w = weight * bilinear share, 0 for corners outside their level.
   """
-  hw = np.asarray(spatial_shapes, np.float32)                        # (L, 2)
-  h = jnp.asarray(hw[:, 0])[:, None]                                  # (L, 1)
+  hw = np.asarray(spatial_shapes, np.float32)  # (L, 2)
+  h = jnp.asarray(hw[:, 0])[:, None]  # (L, 1)
   w = jnp.asarray(hw[:, 1])[:, None]
-  start = jnp.asarray(level_start_index(spatial_shapes))[:, None]    # (L, 1)
-  x = locations[..., 0] * w - pixel_offset                            # (..., L, P)
+  start = jnp.asarray(level_start_index(spatial_shapes))[:, None]  # (L, 1)
+  x = locations[..., 0] * w - pixel_offset  # (..., L, P)
   y = locations[..., 1] * h - pixel_offset
   x0 = jnp.floor(x)
   y0 = jnp.floor(y)
   fx = x - x0
   fy = y - y0
   idx, wts = [], []
-  for dy, dx, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)),
-                        (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+  for dy, dx, share in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
     xi = x0 + dx
     yi = y0 + dy
     inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-    flat = start + jnp.clip(yi, 0, h - 1).astype(jnp.int32) * w.astype(jnp.int32) \
-        + jnp.clip(xi, 0, w - 1).astype(jnp.int32)
+    flat = (
+      start + jnp.clip(yi, 0, h - 1).astype(jnp.int32) * w.astype(jnp.int32) + jnp.clip(xi, 0, w - 1).astype(jnp.int32)
+    )
     idx.append(flat)
     wts.append(jnp.where(inside, share * weights, 0.0))
   return jnp.stack(idx, -1), jnp.stack(wts, -1)
 
 
-def _sample_chunk(value: jnp.ndarray, spatial_shapes: SpatialShapes, locations: jnp.ndarray,
-                  attention_weights: jnp.ndarray) -> jnp.ndarray:
+def _sample_chunk(
+  value: jnp.ndarray, spatial_shapes: SpatialShapes, locations: jnp.ndarray, attention_weights: jnp.ndarray
+) -> jnp.ndarray:
   """deformable_sample for one block of queries: value (B, N, M, D) -> (B, Q, M * D)."""
   b, n, m, d = value.shape
   q = locations.shape[1]
   idx, wts = corner_indices_and_weights(spatial_shapes, locations, attention_weights)  # (B, Q, M, L, P, 4)
-  idx = jnp.moveaxis(idx, 2, 1).reshape(b, m, -1)                   # (B, M, Q*L*P*4)
-  wts = jnp.moveaxis(wts, 2, 1).reshape(b, m, q, -1)                # (B, M, Q, L*P*4)
-  value = jnp.moveaxis(value, 2, 1)                                 # (B, M, N, D)
-  gathered = jax.vmap(jax.vmap(lambda v, i: v[i]))(value, idx)      # (B, M, Q*L*P*4, D)
-  gathered = gathered.reshape(b, m, q, -1, d)                       # (B, M, Q, L*P*4, D)
+  idx = jnp.moveaxis(idx, 2, 1).reshape(b, m, -1)  # (B, M, Q*L*P*4)
+  wts = jnp.moveaxis(wts, 2, 1).reshape(b, m, q, -1)  # (B, M, Q, L*P*4)
+  value = jnp.moveaxis(value, 2, 1)  # (B, M, N, D)
+  gathered = jax.vmap(jax.vmap(lambda v, i: v[i]))(value, idx)  # (B, M, Q*L*P*4, D)
+  gathered = gathered.reshape(b, m, q, -1, d)  # (B, M, Q, L*P*4, D)
   out = jnp.einsum("bmqk,bmqkd->bqmd", wts.astype(value.dtype), gathered)  # (B, Q, M, D)
   return out.reshape(b, q, m * d)
 
 
-def deformable_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes, locations: jnp.ndarray,
-                      attention_weights: jnp.ndarray, query_chunk: int = QUERY_CHUNK) -> jnp.ndarray:
+def deformable_sample(
+  value: jnp.ndarray,
+  spatial_shapes: SpatialShapes,
+  locations: jnp.ndarray,
+  attention_weights: jnp.ndarray,
+  query_chunk: int = QUERY_CHUNK,
+) -> jnp.ndarray:
   """Attention-weighted bilinear sampling of a multi-level value map.
 
   value: (B, N, M, D) with N = sum(h_l * w_l); locations: (B, Q, M, L, P, 2); attention_weights:
@@ -100,13 +109,15 @@ def deformable_sample(value: jnp.ndarray, spatial_shapes: SpatialShapes, locatio
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape((b, n_chunks, query_chunk) + x.shape[2:]), 1, 0)
 
-  out = jax.lax.map(lambda c: block(value, locations=c[0], attention_weights=c[1]),
-                    (chunks(locations), chunks(attention_weights)))          # (n_chunks, B, chunk, M*D)
+  out = jax.lax.map(
+    lambda c: block(value, locations=c[0], attention_weights=c[1]), (chunks(locations), chunks(attention_weights))
+  )  # (n_chunks, B, chunk, M*D)
   return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * query_chunk, -1)[:, :q]
 
 
 def sampling_offset_bias_init(n_heads: int, n_levels: int, n_points: int):
   """The official offset init: head h points along angle 2*pi*h/M, point p at distance p + 1."""
+
   def init(key, shape, dtype=jnp.float32):
     del key
     thetas = np.arange(n_heads, dtype=np.float32) * (2.0 * math.pi / n_heads)
@@ -115,11 +126,13 @@ def sampling_offset_bias_init(n_heads: int, n_levels: int, n_points: int):
     grid = np.tile(grid[:, None, None, :], (1, n_levels, n_points, 1))
     grid = grid * np.arange(1, n_points + 1, dtype=np.float32)[None, None, :, None]
     return jnp.asarray(grid.reshape(shape), dtype)
+
   return init
 
 
 class MSDeformAttn(nn.Module):
   """Multi-scale deformable attention with 2-d (point) or 4-d (box) reference points."""
+
   d_model: int = 256
   n_levels: int = 4
   n_heads: int = 8
@@ -127,9 +140,14 @@ class MSDeformAttn(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, query: jnp.ndarray, reference_points: jnp.ndarray, value_in: jnp.ndarray,
-               spatial_shapes: SpatialShapes, value_padding_mask: jnp.ndarray
-               ) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  def __call__(
+    self,
+    query: jnp.ndarray,
+    reference_points: jnp.ndarray,
+    value_in: jnp.ndarray,
+    spatial_shapes: SpatialShapes,
+    value_padding_mask: jnp.ndarray,
+  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """query (B, Q, C); reference_points (B, Q, L, 2 or 4) in [0, 1] of the padded canvas;
     value_in (B, N, C); value_padding_mask (B, N) True on padding.
 
@@ -138,17 +156,31 @@ class MSDeformAttn(nn.Module):
     b, q, _ = query.shape
     n = value_in.shape[1]
     m, l, p = self.n_heads, self.n_levels, self.n_points
-    value = layers.Linear(self.d_model, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros,
-                          dtype=self.dtype, name="value_proj")(value_in)
+    value = layers.Linear(
+      self.d_model,
+      kernel_init=layers.xavier_uniform,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="value_proj",
+    )(value_in)
     value = jnp.where(value_padding_mask[..., None], 0.0, value).reshape(b, n, m, self.d_model // m)
-    offsets = layers.Linear(m * l * p * 2, kernel_init=nn.initializers.zeros,
-                            bias_init=sampling_offset_bias_init(m, l, p), dtype=self.dtype,
-                            name="sampling_offsets")(query)
+    offsets = layers.Linear(
+      m * l * p * 2,
+      kernel_init=nn.initializers.zeros,
+      bias_init=sampling_offset_bias_init(m, l, p),
+      dtype=self.dtype,
+      name="sampling_offsets",
+    )(query)
     offsets = offsets.astype(jnp.float32).reshape(b, q, m, l, p, 2)
-    logits = layers.Linear(m * l * p, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros,
-                           dtype=self.dtype, name="attention_weights")(query)
+    logits = layers.Linear(
+      m * l * p,
+      kernel_init=nn.initializers.zeros,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="attention_weights",
+    )(query)
     weights = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, q, m, l * p), -1).reshape(b, q, m, l, p)
-    ref = reference_points[:, :, None, :, None, :]                     # (B, Q, 1, L, 1, 2|4)
+    ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2|4)
     if reference_points.shape[-1] == 2:
       hw = np.asarray(spatial_shapes, np.float32)
       normalizer = jnp.asarray(np.stack([hw[:, 1], hw[:, 0]], -1))[None, None, None, :, None, :]
@@ -158,6 +190,11 @@ class MSDeformAttn(nn.Module):
     else:
       raise ValueError(f"reference_points: last dim must be 2 or 4, got {reference_points.shape[-1]}")
     out = deformable_sample(value, spatial_shapes, locations, weights.astype(value.dtype))  # (B, Q, C)
-    out = layers.Linear(self.d_model, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros,
-                        dtype=self.dtype, name="output_proj")(out)
+    out = layers.Linear(
+      self.d_model,
+      kernel_init=layers.xavier_uniform,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="output_proj",
+    )(out)
     return out, locations, weights

@@ -4,6 +4,7 @@
 outputs into the top-100 detections in original-image pixels (postprocess.py), gathers them on
 every host, and scores them with COCOeval (bbox) against the source's ground truth.
 """
+
 import contextlib
 import io
 import json
@@ -14,11 +15,12 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sparse_detr_jax import postprocess
+from sparse_detr_jax import loop, postprocess
 from sparse_detr_jax.data import pipeline
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -33,28 +35,31 @@ def ground_truth(source) -> COCO:
   return coco
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global arrays sharded over the mesh's `data` axis."""
-  sharding = NamedSharding(mesh, P("data"))
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
 def make_predict(model, mesh: Mesh, num_detections: int = postprocess.NUM_DETECTIONS):
   """jitted (variables, image, padding_mask, orig_size) -> detections, one shard per device."""
+
   def per_device(variables, image, padding_mask, orig_size):
     out = model.apply(variables, image, padding_mask)
     return postprocess.postprocess(out, orig_size, num_detections)
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")),
-                               out_specs=P("data")))
+
+  return jax.jit(
+    jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data"), P("data"), P("data")), out_specs=P("data"))
+  )
 
 
 def detections_to_coco(image_ids: np.ndarray, det: dict[str, np.ndarray]) -> list[dict[str, Any]]:
   """COCO results (xywh boxes) for the slots with a real image id."""
   out = []
   for i in np.flatnonzero(image_ids >= 0):
-    for s, l, b in zip(det["scores"][i], det["labels"][i], det["boxes"][i]):
-      out.append({"image_id": int(image_ids[i]), "category_id": int(l),
-                  "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])], "score": float(s)})
+    for s, l, b in zip(det["scores"][i], det["labels"][i], det["boxes"][i], strict=True):
+      out.append(
+        {
+          "image_id": int(image_ids[i]),
+          "category_id": int(l),
+          "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+          "score": float(s),
+        }
+      )
   return out
 
 
@@ -68,7 +73,7 @@ def coco_eval(gt: COCO, results: list[dict[str, Any]], image_ids: list[int]) -> 
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-  stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+  stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats, strict=True)}
   precision = ev.eval["precision"][:, :, :, 0, -1]  # (iou, recall, class) at area all, maxDets 100
   for k, cat in enumerate(ev.params.catIds):
     p = precision[:, :, k]
@@ -77,20 +82,41 @@ def coco_eval(gt: COCO, results: list[dict[str, Any]], image_ids: list[int]) -> 
   return stats, buf.getvalue()
 
 
-def evaluate(model, variables: dict, source, data_config, per_device_batch: int, mesh: Mesh,
-             workdir: str | None = None, tag: str = "eval", num_workers: int = 0) -> dict[str, float]:
+def evaluate(
+  model,
+  variables: dict,
+  source,
+  data_config,
+  per_device_batch: int,
+  mesh: Mesh,
+  workdir: str | None = None,
+  tag: str = "eval",
+  num_workers: int = 0,
+) -> dict[str, float]:
   """COCO bbox metrics of `model` on `source`; writes results and metrics json under workdir (host 0)."""
   n_dev = mesh.devices.size
   ds = pipeline.eval_dataset(source, data_config, per_device_batch * n_dev, jax.process_index(), jax.process_count())
   predict = make_predict(model, mesh)
-  results, skipped = [], 0
-  for local in pipeline.iterate(ds, num_workers):
-    g = global_batch(mesh, {k: local[k] for k in ("image", "padding_mask", "orig_size", "image_id", "skipped")})
-    det = predict(variables, g["image"], g["padding_mask"], g["orig_size"])
-    det, image_id, skip = multihost_utils.process_allgather((det, g["image_id"], g["skipped"]), tiled=True)
+  results, skipped, pending = [], 0, None
+
+  def collect(det, image_id, skip):  # the detections of one batch, gathered from every host
+    nonlocal skipped
+    det, image_id, skip = multihost_utils.process_allgather((det, image_id, skip), tiled=True)
     image_id = np.where(skip > 0, -1, image_id)  # unreadable images: no detections (they stay in the GT)
     skipped += int(skip.sum())
-    results += detections_to_coco(np.asarray(image_id), jax.tree.map(np.asarray, det))
+    results.extend(detections_to_coco(np.asarray(image_id), jax.tree.map(np.asarray, det)))
+
+  with contextlib.closing(pipeline.iterate(ds, num_workers)) as it:
+    # Batch k+1 is on the devices and its prediction dispatched before batch k's detections are read.
+    for g, _, _ in loop.DevicePrefetch(
+      it, mesh, ("image", "padding_mask", "orig_size", "image_id", "skipped"), with_state=False
+    ):
+      det = predict(variables, g["image"], g["padding_mask"], g["orig_size"])
+      if pending is not None:
+        collect(*pending)
+      pending = (det, g["image_id"], g["skipped"])
+  if pending is not None:
+    collect(*pending)
   stats, table = coco_eval(ground_truth(source), results, list(source.image_ids))
   stats["skipped_images"] = skipped
   logging.info("%s on %d images (%d unreadable):\n%s", tag, len(source), skipped, table)

@@ -1,5 +1,7 @@
 """Small layers with PyTorch's default initialisation, so a model built here starts where the official one does."""
-from typing import Any, Callable, Optional
+
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -13,12 +15,12 @@ xavier_uniform = nn.initializers.xavier_uniform()
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm / GroupNorm default
 
 
-def layer_norm(name: Optional[str] = None, dtype: Any = None) -> nn.LayerNorm:
+def layer_norm(name: str | None = None, dtype: Any = None) -> nn.LayerNorm:
   """LayerNorm with PyTorch's epsilon and exact (two-pass) variance."""
   return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def group_norm(name: Optional[str] = None, dtype: Any = None) -> nn.GroupNorm:
+def group_norm(name: str | None = None, dtype: Any = None) -> nn.GroupNorm:
   """GroupNorm(32) with PyTorch's epsilon and exact variance."""
   return nn.GroupNorm(num_groups=32, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, name=name)
 
@@ -28,9 +30,10 @@ class Linear(nn.Module):
 
   Parameters are named `kernel` (in, out) and `bias` (out,), like flax.linen.Dense.
   """
+
   features: int
   kernel_init: Initializer = torch_default_kernel
-  bias_init: Optional[Initializer] = None  # None: torch default (needs fan_in)
+  bias_init: Initializer | None = None  # None: torch default (needs fan_in)
   dtype: Any = None
 
   @nn.compact
@@ -38,7 +41,7 @@ class Linear(nn.Module):
     fan_in = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (fan_in, self.features), jnp.float32)
     if self.bias_init is None:
-      bound = 1.0 / fan_in ** 0.5
+      bound = 1.0 / fan_in**0.5
       bias_init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
     else:
       bias_init = self.bias_init
@@ -50,6 +53,7 @@ class Linear(nn.Module):
 
 class MLP(nn.Module):
   """The official box head: `num_layers` Linear layers with ReLU between them."""
+
   hidden_dim: int
   output_dim: int
   num_layers: int
@@ -61,5 +65,10 @@ class MLP(nn.Module):
     for i in range(self.num_layers - 1):
       x = nn.relu(Linear(self.hidden_dim, dtype=self.dtype, name=f"layers_{i}")(x))
     # The official init zeroes the last layer, so a fresh head predicts the reference box itself.
-    return Linear(self.output_dim, kernel_init=nn.initializers.zeros, bias_init=self.last_bias_init,
-                  dtype=self.dtype, name=f"layers_{self.num_layers - 1}")(x)
+    return Linear(
+      self.output_dim,
+      kernel_init=nn.initializers.zeros,
+      bias_init=self.last_bias_init,
+      dtype=self.dtype,
+      name=f"layers_{self.num_layers - 1}",
+    )(x)

@@ -17,7 +17,8 @@ the number of targets averaged over the devices of `axis_name` (inside shard_map
 An official quirk kept on purpose: encoder aux outputs and the corr metrics cover K = max over the
 (per-device) batch of `sparse_token_nums` slots for every image; slots past K are masked out.
 """
-from typing import Any, Dict, Optional
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +41,12 @@ def loss_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.set_cost_bbox = 5.0
   c.set_cost_giou = 2.0
   c.focal_alpha = 0.25
-  c.matcher = "scipy"            # 'scipy' (host callback) or 'jax' (on-device exact solver)
+  c.matcher = "auto"  # 'scipy' (host callback), 'jax' (on-device exact solver), 'auto': jax on TPU
   c.update(overrides)
   return c
 
 
-def weight_dict(config: ml_collections.ConfigDict) -> Dict[str, float]:
+def weight_dict(config: ml_collections.ConfigDict) -> dict[str, float]:
   """The official weight_dict (including the unused `_backbone` entries, as official)."""
   m, l = config.model, config.loss
   base = {"loss_ce": l.cls_loss_coef, "loss_bbox": l.bbox_loss_coef, "loss_giou": l.giou_loss_coef}
@@ -60,7 +61,7 @@ def weight_dict(config: ml_collections.ConfigDict) -> Dict[str, float]:
   return out
 
 
-def total(loss_dict: Dict[str, jnp.ndarray], config: ml_collections.ConfigDict) -> jnp.ndarray:
+def total(loss_dict: dict[str, jnp.ndarray], config: ml_collections.ConfigDict) -> jnp.ndarray:
   """Sum of loss * weight over the keys present in both."""
   return sum(loss_dict[k] * w for k, w in weight_dict(config).items() if k in loss_dict)
 
@@ -68,58 +69,74 @@ def total(loss_dict: Dict[str, jnp.ndarray], config: ml_collections.ConfigDict) 
 def sigmoid_focal_loss(logits: jnp.ndarray, targets: jnp.ndarray, alpha: float, gamma: float = 2.0) -> jnp.ndarray:
   """Element-wise focal loss (RetinaNet) of logits against {0, 1} targets."""
   prob = jax.nn.sigmoid(logits)
-  ce = jax.nn.softplus(logits) - logits * targets          # binary cross-entropy with logits
+  ce = jax.nn.softplus(logits) - logits * targets  # binary cross-entropy with logits
   p_t = prob * targets + (1 - prob) * (1 - targets)
   alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
   return alpha_t * ce * (1 - p_t) ** gamma
 
 
-def _check_targets(targets: Dict[str, jnp.ndarray]) -> Dict[str, jnp.ndarray]:
+def _check_targets(targets: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
   for key in ("labels", "boxes", "valid"):
     if key not in targets:
       raise ValueError(f"targets: missing '{key}' (expected labels (B, M), boxes (B, M, 4), valid (B, M))")
   b, m = targets["valid"].shape
   if targets["labels"].shape != (b, m) or targets["boxes"].shape != (b, m, 4):
-    raise ValueError(f"targets: expected labels (B, M), boxes (B, M, 4) with valid {(b, m)}, got "
-                     f"labels {targets['labels'].shape}, boxes {targets['boxes'].shape}")
+    raise ValueError(
+      f"targets: expected labels (B, M), boxes (B, M, 4) with valid {(b, m)}, got "
+      f"labels {targets['labels'].shape}, boxes {targets['boxes'].shape}"
+    )
   valid = targets["valid"].astype(bool)
-  return {"valid": valid,
-          "labels": jnp.where(valid, targets["labels"], 0).astype(jnp.int32),
-          "boxes": jnp.where(valid[..., None], targets["boxes"], jnp.asarray(DUMMY_BOX, jnp.float32))}
+  return {
+    "valid": valid,
+    "labels": jnp.where(valid, targets["labels"], 0).astype(jnp.int32),
+    "boxes": jnp.where(valid[..., None], targets["boxes"], jnp.asarray(DUMMY_BOX, jnp.float32)),
+  }
 
 
-def _set_losses(pred: Dict[str, jnp.ndarray], targets: Dict[str, jnp.ndarray], num_boxes: jnp.ndarray,
-                slot_valid: jnp.ndarray, lc: ml_collections.ConfigDict, log: bool) -> Dict[str, jnp.ndarray]:
+def _set_losses(
+  pred: dict[str, jnp.ndarray],
+  targets: dict[str, jnp.ndarray],
+  num_boxes: jnp.ndarray,
+  slot_valid: jnp.ndarray,
+  lc: ml_collections.ConfigDict,
+  log: bool,
+) -> dict[str, jnp.ndarray]:
   """Matching and the detection losses of one prediction set. pred: pred_logits (B, Q, C), pred_boxes (B, Q, 4)."""
   logits, boxes = pred["pred_logits"], pred["pred_boxes"]
   q, c = logits.shape[1:]
-  assigned = matcher.match(logits, boxes, targets, slot_valid, lc)                    # (B, M)
+  assigned = matcher.match(logits, boxes, targets, slot_valid, lc)  # (B, M)
   matched = assigned >= 0
   safe = jnp.maximum(assigned, 0)
-  onehot_q = jax.nn.one_hot(jnp.where(matched, assigned, -1), q)                       # (B, M, Q)
+  onehot_q = jax.nn.one_hot(jnp.where(matched, assigned, -1), q)  # (B, M, Q)
   target_cls = jnp.einsum("bmq,bmc->bqc", onehot_q, jax.nn.one_hot(targets["labels"], c))
   focal = sigmoid_focal_loss(logits, target_cls, lc.focal_alpha) * slot_valid[..., None]
-  src = jnp.take_along_axis(boxes, safe[..., None], axis=1)                            # (B, M, 4)
+  src = jnp.take_along_axis(boxes, safe[..., None], axis=1)  # (B, M, 4)
   w = matched.astype(jnp.float32)
   l1 = jnp.sum(jnp.abs(src - targets["boxes"]), -1)
   giou = box_ops.generalized_iou(box_ops.cxcywh_to_xyxy(src), box_ops.cxcywh_to_xyxy(targets["boxes"]))
-  out = {"loss_ce": jnp.sum(focal) / num_boxes,
-         "loss_bbox": jnp.sum(l1 * w) / num_boxes,
-         "loss_giou": jnp.sum((1 - giou) * w) / num_boxes}
+  out = {
+    "loss_ce": jnp.sum(focal) / num_boxes,
+    "loss_bbox": jnp.sum(l1 * w) / num_boxes,
+    "loss_giou": jnp.sum((1 - giou) * w) / num_boxes,
+  }
   # Logged, no gradient. Cardinality counts predictions whose argmax is not the last class (inherited quirk).
   sg = jax.lax.stop_gradient(logits)
   card_pred = jnp.sum((jnp.argmax(sg, -1) != c - 1) & slot_valid, 1)
   out["cardinality_error"] = jnp.mean(jnp.abs(card_pred - jnp.sum(targets["valid"], 1)).astype(jnp.float32))
   if log:
-    src_top = jnp.argmax(jnp.take_along_axis(sg, safe[..., None], axis=1), -1)      # (B, M)
+    src_top = jnp.argmax(jnp.take_along_axis(sg, safe[..., None], axis=1), -1)  # (B, M)
     n = jnp.sum(w)
     correct = jnp.sum((src_top == targets["labels"]) * w)
     out["class_error"] = jnp.where(n > 0, 100.0 - 100.0 * correct / jnp.maximum(n, 1.0), 100.0)
   return out
 
 
-def compute(outputs: Dict[str, Any], targets: Dict[str, jnp.ndarray], config: ml_collections.ConfigDict,
-            axis_name: Optional[str] = None) -> Dict[str, jnp.ndarray]:
+def compute(
+  outputs: dict[str, Any],
+  targets: dict[str, jnp.ndarray],
+  config: ml_collections.ConfigDict,
+  axis_name: str | None = None,
+) -> dict[str, jnp.ndarray]:
   """Every official loss term and logged metric, official names. See the module docstring."""
   mc, lc = config.model, config.loss
   targets = _check_targets(targets)
@@ -145,8 +162,9 @@ def compute(outputs: Dict[str, Any], targets: Dict[str, jnp.ndarray], config: ml
     losses.update({f"{k}_enc_{i}": v for k, v in _set_losses(aux, targets, num_boxes, slots, lc, False).items()})
   if "backbone_mask_prediction" in outputs:
     shapes = [tuple(int(x) for x in hw) for hw in np.asarray(outputs["spatial_shapes"])]
-    attn = jax.lax.stop_gradient(dam.attention_map(shapes, outputs["sampling_locations_dec"],
-                                                   outputs["attn_weights_dec"]))          # (B, N)
+    attn = jax.lax.stop_gradient(
+      dam.attention_map(shapes, outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
+    )  # (B, N)
     target = dam.dam_target(attn, outputs["mask_flatten"], outputs["sparse_token_nums"])
     losses["loss_mask_prediction"] = dam.mask_prediction_loss(outputs["backbone_mask_prediction"], target)
     losses.update(dam.kept_attention_share(attn, outputs["backbone_topk_proposals"], batch_slots, shapes))

@@ -2,10 +2,13 @@
 
 cost = 5 * L1(boxes) + 2 * (focal cost of the target class) + 2 * (-GIoU); the assignment is exact,
 over the valid targets and the valid prediction slots only. Two interchangeable solvers:
-  'scipy': scipy.optimize.linear_sum_assignment on the host via jax.pure_callback (CPU/GPU default);
+  'scipy': scipy.optimize.linear_sum_assignment on the host via jax.pure_callback;
   'jax':   a JAX-native shortest-augmenting-path Hungarian algorithm (no host round trip, for TPU pods).
+'auto' (the config default) picks 'jax' on TPU, where a host round trip per step is expensive, and
+'scipy' on CPU and GPU, where the callback is cheap.
 `match` returns, for every target slot, the index of its prediction (-1 for padded targets).
 """
+
 from typing import Any
 
 import jax
@@ -18,19 +21,32 @@ from sparse_detr_jax import box_ops
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
 MATCH_LOG_EPS = 1e-8  # inside the logs of the official focal matching cost
-SOLVERS = ("scipy", "jax")
+SOLVERS = ("auto", "scipy", "jax")
 
 
-def matching_cost(logits: jnp.ndarray, boxes: jnp.ndarray, labels: jnp.ndarray, target_boxes: jnp.ndarray,
-                  cost_class: float, cost_bbox: float, cost_giou: float) -> jnp.ndarray:
+def default_solver() -> str:
+  """The solver 'auto' means on this backend."""
+  return "jax" if jax.default_backend() == "tpu" else "scipy"
+
+
+def matching_cost(
+  logits: jnp.ndarray,
+  boxes: jnp.ndarray,
+  labels: jnp.ndarray,
+  target_boxes: jnp.ndarray,
+  cost_class: float,
+  cost_bbox: float,
+  cost_giou: float,
+) -> jnp.ndarray:
   """logits (B, Q, C), boxes (B, Q, 4) cxcywh; labels (B, M), target_boxes (B, M, 4) -> cost (B, Q, M)."""
   prob = jax.nn.sigmoid(logits)
-  neg = (1 - FOCAL_ALPHA) * prob ** FOCAL_GAMMA * -jnp.log(1 - prob + MATCH_LOG_EPS)
+  neg = (1 - FOCAL_ALPHA) * prob**FOCAL_GAMMA * -jnp.log(1 - prob + MATCH_LOG_EPS)
   pos = FOCAL_ALPHA * (1 - prob) ** FOCAL_GAMMA * -jnp.log(prob + MATCH_LOG_EPS)
-  cls = jnp.take_along_axis(pos - neg, labels[:, None, :], axis=2)                     # (B, Q, M)
-  l1 = jnp.sum(jnp.abs(boxes[:, :, None] - target_boxes[:, None]), -1)                  # (B, Q, M)
-  giou = box_ops.generalized_iou(box_ops.cxcywh_to_xyxy(boxes)[:, :, None],
-                                 box_ops.cxcywh_to_xyxy(target_boxes)[:, None])         # (B, Q, M)
+  cls = jnp.take_along_axis(pos - neg, labels[:, None, :], axis=2)  # (B, Q, M)
+  l1 = jnp.sum(jnp.abs(boxes[:, :, None] - target_boxes[:, None]), -1)  # (B, Q, M)
+  giou = box_ops.generalized_iou(
+    box_ops.cxcywh_to_xyxy(boxes)[:, :, None], box_ops.cxcywh_to_xyxy(target_boxes)[:, None]
+  )  # (B, Q, M)
   return cost_bbox * l1 + cost_class * cls - cost_giou * giou
 
 
@@ -54,12 +70,12 @@ def _jax_assign_one(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.nd
   Targets are the rows to assign (M of them, the valid ones), predictions the columns (Q >= valid M).
   cost: (Q, M). Returns (M,) column (prediction) per target, -1 for invalid targets.
   """
-  a = cost.T.astype(jnp.float32)                                 # (M, Q): rows = targets
+  a = cost.T.astype(jnp.float32)  # (M, Q): rows = targets
   m, q = a.shape
   inf = jnp.float32(jnp.inf)
   # 1-based arrays as in the classic formulation; index 0 is the virtual column/row.
   a = jnp.pad(a, ((1, 0), (1, 0)))
-  col_ok = jnp.concatenate([jnp.ones((1,), bool), row_valid])   # predictions usable as columns
+  col_ok = jnp.concatenate([jnp.ones((1,), bool), row_valid])  # predictions usable as columns
   # Loop carries start from `zero`, derived from the inputs, so that inside shard_map they carry the
   # inputs' varying-axes type (a constant start would be typed as replicated).
   zero = jnp.sum(col_valid.astype(jnp.int32)) * 0
@@ -96,12 +112,16 @@ def _jax_assign_one(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.nd
     p, _ = jax.lax.while_loop(lambda s: s[1] != 0, augment, (p, j0))
     return u, v, p, way
 
-  state = (jnp.zeros((m + 1,), jnp.float32) + zero, jnp.zeros((q + 1,), jnp.float32) + zero,
-           jnp.zeros((q + 1,), jnp.int32) + zero, jnp.zeros((q + 1,), jnp.int32) + zero)
+  state = (
+    jnp.zeros((m + 1,), jnp.float32) + zero,
+    jnp.zeros((q + 1,), jnp.float32) + zero,
+    jnp.zeros((q + 1,), jnp.int32) + zero,
+    jnp.zeros((q + 1,), jnp.int32) + zero,
+  )
   _, _, p, _ = jax.lax.fori_loop(1, m + 1, add_row, state)
   # p[j] = row (1-based) assigned to column j; invert to a column per row.
   cols = jnp.arange(q + 1)
-  target_of_col = jnp.where((p > 0) & (cols > 0), p - 1, m)       # m = nowhere
+  target_of_col = jnp.where((p > 0) & (cols > 0), p - 1, m)  # m = nowhere
   assign = jnp.full((m + 1,), -1, jnp.int32).at[target_of_col].set(cols.astype(jnp.int32) - 1)
   return jnp.where(col_valid, assign[:m], -1)
 
@@ -112,6 +132,8 @@ def assign(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.ndarray, so
   Returns (B, M) int32: the prediction matched to each target, -1 for padded targets.
   """
   cost = jax.lax.stop_gradient(cost).astype(jnp.float32)
+  if solver == "auto":
+    solver = default_solver()
   if solver == "scipy":
     spec = jax.ShapeDtypeStruct(col_valid.shape, jnp.int32)
     return jax.pure_callback(_scipy_assign, spec, cost, row_valid, col_valid, vmap_method="sequential")
@@ -122,6 +144,7 @@ def assign(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.ndarray, so
 
 def match(logits: jnp.ndarray, boxes: jnp.ndarray, targets: Any, slot_valid: jnp.ndarray, cfg: Any) -> jnp.ndarray:
   """Hungarian matching of one prediction set: (B, M) prediction index per target (-1 = padded target)."""
-  cost = matching_cost(logits, boxes, targets["labels"], targets["boxes"], cfg.set_cost_class, cfg.set_cost_bbox,
-                       cfg.set_cost_giou)
+  cost = matching_cost(
+    logits, boxes, targets["labels"], targets["boxes"], cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou
+  )
   return assign(cost, slot_valid, targets["valid"], cfg.matcher)

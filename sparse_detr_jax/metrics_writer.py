@@ -1,5 +1,6 @@
 """Scalars, text and images to TensorBoard (tensorboardX event files in the workdir); scalars also as
 JSON lines in WORKDIR/metrics.jsonl ({"step": N, name: value, ...} per logged step)."""
+
 import json
 import pathlib
 
@@ -14,6 +15,7 @@ class MetricsWriter:
     self._jsonl = pathlib.Path(logdir) / "metrics.jsonl"
     if enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._w = SummaryWriter(logdir)
 
   def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -5,8 +5,9 @@ deformable decoder with iterative box refinement, with every head the official m
 normalised with the ImageNet mean/std, and padding_mask (B, H, W) bool (True = padding), and returns
 a dict named as the official model's outputs (see `SparseDETR.__call__`).
 """
+
 import math
-from typing import Any, Dict
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,8 +21,14 @@ from sparse_detr_jax.backbone import build_backbone, resize_mask
 from sparse_detr_jax.box_ops import inverse_sigmoid
 from sparse_detr_jax.position_encoding import box_position_embedding, sine_position_embedding
 from sparse_detr_jax.sparsity import ScoringNetwork, gather_tokens, scatter_kept, select_top_rho
-from sparse_detr_jax.transformer import (DecoderLayer, EncoderLayer, encoder_proposals, encoder_reference_points,
-                                         select_topk_queries, valid_ratios)
+from sparse_detr_jax.transformer import (
+  DecoderLayer,
+  EncoderLayer,
+  encoder_proposals,
+  encoder_reference_points,
+  select_topk_queries,
+  valid_ratios,
+)
 
 PRIOR_PROB = 0.01  # focal-loss prior of the class heads' bias
 
@@ -38,6 +45,7 @@ def heads_are_cloned(c: ml_collections.ConfigDict) -> bool:
 
 class InputProjection(nn.Module):
   """Conv (1x1, or 3x3 stride 2 for the extra levels) + GroupNorm(32) to hidden_dim channels."""
+
   hidden_dim: int
   downsample: bool
   dtype: Any = None
@@ -45,13 +53,22 @@ class InputProjection(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     k, s, p = (3, 2, 1) if self.downsample else (1, 1, 0)
-    x = nn.Conv(self.hidden_dim, (k, k), strides=(s, s), padding=((p, p), (p, p)), kernel_init=layers.xavier_uniform,
-                bias_init=nn.initializers.zeros, dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(
+      self.hidden_dim,
+      (k, k),
+      strides=(s, s),
+      padding=((p, p), (p, p)),
+      kernel_init=layers.xavier_uniform,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      name="conv",
+    )(x)
     return layers.group_norm("norm", self.dtype)(x)
 
 
 class SparseDETR(nn.Module):
   """Sparse DETR (rho > 0) and Deformable DETR (rho = 0) with official semantics; see config.model_config."""
+
   config: ml_collections.FrozenConfigDict
 
   def setup(self):
@@ -60,16 +77,23 @@ class SparseDETR(nn.Module):
     dt = jnp.dtype(c.dtype)
     self.backbone = build_backbone(c, dt)
     n_backbone = len(self.backbone.num_channels)
-    self.input_proj = [InputProjection(c.hidden_dim, downsample=l >= n_backbone, dtype=dt)
-                       for l in range(c.num_feature_levels)]
+    self.input_proj = [
+      InputProjection(c.hidden_dim, downsample=l >= n_backbone, dtype=dt) for l in range(c.num_feature_levels)
+    ]
     self.level_embed = self.param("level_embed", nn.initializers.normal(1.0), (c.num_feature_levels, c.hidden_dim))
     if c.rho > 0:
       self.mask_predictor = ScoringNetwork(c.hidden_dim, dtype=dt)
     if c.rho > 0 or c.two_stage:
       self.enc_output = layers.Linear(c.hidden_dim, kernel_init=layers.xavier_uniform, dtype=dt)
       self.enc_output_norm = layers.layer_norm(dtype=dt)
-    layer_args = dict(d_model=c.hidden_dim, d_ffn=c.dim_feedforward, dropout=c.dropout,
-                      n_levels=c.num_feature_levels, n_heads=c.nheads, dtype=dt)
+    layer_args = dict(
+      d_model=c.hidden_dim,
+      d_ffn=c.dim_feedforward,
+      dropout=c.dropout,
+      n_levels=c.num_feature_levels,
+      n_heads=c.nheads,
+      dtype=dt,
+    )
     self.encoder_layers = [EncoderLayer(n_points=c.enc_n_points, **layer_args) for _ in range(c.enc_layers)]
     self.decoder_layers = [DecoderLayer(n_points=c.dec_n_points, **layer_args) for _ in range(c.dec_layers)]
     if c.two_stage:
@@ -78,13 +102,15 @@ class SparseDETR(nn.Module):
       self.pos_trans_norm = layers.layer_norm(dtype=dt)
     else:
       self.query_embed = self.param("query_embed", nn.initializers.normal(1.0), (c.num_queries, 2 * c.hidden_dim))
-      self.reference_points = layers.Linear(2, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros,
-                                            dtype=dt)
+      self.reference_points = layers.Linear(
+        2, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros, dtype=dt
+      )
     n_heads = num_prediction_heads(c) if heads_are_cloned(c) else 1
     prior_bias = nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB))
     self.class_embed = [layers.Linear(c.num_classes, bias_init=prior_bias, dtype=dt) for _ in range(n_heads)]
-    self.bbox_embed = [layers.MLP(c.hidden_dim, 4, 3, last_bias_init=self._box_bias_init(i), dtype=dt)
-                       for i in range(n_heads)]
+    self.bbox_embed = [
+      layers.MLP(c.hidden_dim, 4, 3, last_bias_init=self._box_bias_init(i), dtype=dt) for i in range(n_heads)
+    ]
 
   def _box_bias_init(self, head: int):
     """Official last-layer box bias: size logits -2 on the first (or shared) head, 0 in two-stage models."""
@@ -99,7 +125,7 @@ class SparseDETR(nn.Module):
     """Official two-stage memory processing: zero padded/invalid tokens, Linear, LayerNorm. (B, N, C)."""
     return self.enc_output_norm(self.enc_output(jnp.where(proposal_valid[..., None], memory, 0.0)))
 
-  def __call__(self, images: jnp.ndarray, padding_mask: jnp.ndarray, train: bool = False) -> Dict[str, Any]:
+  def __call__(self, images: jnp.ndarray, padding_mask: jnp.ndarray, train: bool = False) -> dict[str, Any]:
     """images (B, H, W, 3) float32 normalised; padding_mask (B, H, W) bool, True on padding.
 
     Returns (B = batch, Q = num_queries, N = tokens, K = kept slots, L = levels, M = heads, P = points):
@@ -123,20 +149,22 @@ class SparseDETR(nn.Module):
     srcs, masks = [], []
     for l in range(c.num_feature_levels):
       src = self.input_proj[l](feats[l] if l < len(feats) else (feats[-1] if l == len(feats) else srcs[-1]))
-      srcs.append(src)                                                # (B, h_l, w_l, C)
-      masks.append(resize_mask(padding_mask, src.shape[1:3]))        # (B, h_l, w_l)
+      srcs.append(src)  # (B, h_l, w_l, C)
+      masks.append(resize_mask(padding_mask, src.shape[1:3]))  # (B, h_l, w_l)
     shapes = tuple((int(s.shape[1]), int(s.shape[2])) for s in srcs)
     if c.two_stage and sum(h * w for h, w in shapes) < c.num_queries:
-      raise ValueError(f"images: a {images.shape[1]}x{images.shape[2]} canvas gives {sum(h * w for h, w in shapes)} "
-                       f"encoder tokens, fewer than model.num_queries = {c.num_queries}: use larger images")
+      raise ValueError(
+        f"images: a {images.shape[1]}x{images.shape[2]} canvas gives {sum(h * w for h, w in shapes)} "
+        f"encoder tokens, fewer than model.num_queries = {c.num_queries}: use larger images"
+      )
     pos = [sine_position_embedding(m, c.hidden_dim // 2) + self.level_embed[l] for l, m in enumerate(masks)]
-    src_flat = jnp.concatenate([s.reshape(b, -1, c.hidden_dim) for s in srcs], 1)        # (B, N, C)
+    src_flat = jnp.concatenate([s.reshape(b, -1, c.hidden_dim) for s in srcs], 1)  # (B, N, C)
     pos_flat = jnp.concatenate([p.reshape(b, -1, c.hidden_dim) for p in pos], 1).astype(dt)
-    mask_flat = jnp.concatenate([m.reshape(b, -1) for m in masks], 1)                    # (B, N)
-    ratios = valid_ratios(masks)                                                          # (B, L, 2)
-    ref_enc = encoder_reference_points(shapes, ratios)                                    # (B, N, L, 2)
-    proposals, proposal_valid = encoder_proposals(mask_flat, shapes)                      # (B, N, 4), (B, N)
-    out: Dict[str, Any] = {"mask_flatten": mask_flat, "spatial_shapes": np.asarray(shapes, np.int32)}
+    mask_flat = jnp.concatenate([m.reshape(b, -1) for m in masks], 1)  # (B, N)
+    ratios = valid_ratios(masks)  # (B, L, 2)
+    ref_enc = encoder_reference_points(shapes, ratios)  # (B, N, L, 2)
+    proposals, proposal_valid = encoder_proposals(mask_flat, shapes)  # (B, N, 4), (B, N)
+    out: dict[str, Any] = {"mask_flatten": mask_flat, "spatial_shapes": np.asarray(shapes, np.int32)}
 
     # Encoder: with rho > 0 only the top-rho tokens are queries; values are always the whole memory.
     memory = src_flat
@@ -145,9 +173,13 @@ class SparseDETR(nn.Module):
       scores = self.mask_predictor(self._output_memory(src_flat + pos_flat, proposal_valid))  # (B, N)
       sel = select_top_rho(scores, mask_flat, c.rho)
       q_pos, q_ref, q_props = (gather_tokens(x, sel.indices) for x in (pos_flat, ref_enc, proposals))
-      tgt = gather_tokens(memory, sel.indices)                                            # (B, K, C)
-      out.update(backbone_mask_prediction=sel.scores, backbone_topk_proposals=sel.indices,
-                 sparse_token_nums=sel.counts, kept_slot_mask=sel.slot_mask)
+      tgt = gather_tokens(memory, sel.indices)  # (B, K, C)
+      out.update(
+        backbone_mask_prediction=sel.scores,
+        backbone_topk_proposals=sel.indices,
+        sparse_token_nums=sel.counts,
+        kept_slot_mask=sel.slot_mask,
+      )
     else:
       q_pos, q_ref, q_props = pos_flat, ref_enc, proposals
     enc_aux = []
@@ -160,8 +192,12 @@ class SparseDETR(nn.Module):
         tgt = memory = layer(memory, q_pos, q_ref, memory, shapes, mask_flat, det)
       if c.use_enc_aux_loss and lid < c.enc_layers - 1:
         cls_head, box_head = self._head(first_enc_aux_head + lid)
-        enc_aux.append({"pred_logits": cls_head(tgt).astype(jnp.float32),
-                        "pred_boxes": jax.nn.sigmoid((q_props + box_head(tgt)).astype(jnp.float32))})
+        enc_aux.append(
+          {
+            "pred_logits": cls_head(tgt).astype(jnp.float32),
+            "pred_boxes": jax.nn.sigmoid((q_props + box_head(tgt)).astype(jnp.float32)),
+          }
+        )
     if c.use_enc_aux_loss:
       out["aux_outputs_enc"] = enc_aux
 
@@ -169,30 +205,30 @@ class SparseDETR(nn.Module):
     if c.two_stage:
       cls_head, box_head = self._head(c.dec_layers)
       out_mem = self._output_memory(memory, proposal_valid)
-      enc_logits = cls_head(out_mem).astype(jnp.float32)                                  # (B, N, classes)
-      enc_unact = (proposals + box_head(out_mem)).astype(jnp.float32)                     # (B, N, 4)
+      enc_logits = cls_head(out_mem).astype(jnp.float32)  # (B, N, classes)
+      enc_unact = (proposals + box_head(out_mem)).astype(jnp.float32)  # (B, N, 4)
       out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": jax.nn.sigmoid(enc_unact)}
       topk = select_topk_queries(enc_logits, enc_unact, c.num_queries, c.eff_specific_head)
       out["query_indices"] = topk.indices
-      reference = jax.nn.sigmoid(topk.boxes_unact)                                        # (B, Q, 4)
+      reference = jax.nn.sigmoid(topk.boxes_unact)  # (B, Q, 4)
       pos_trans = self.pos_trans_norm(self.pos_trans(box_position_embedding(topk.boxes_unact).astype(dt)))
       if c.eff_query_init:
         query_pos, tgt = pos_trans, gather_tokens(memory, topk.indices)
       else:
-        query_pos, tgt = pos_trans[..., :c.hidden_dim], pos_trans[..., c.hidden_dim:]
+        query_pos, tgt = pos_trans[..., : c.hidden_dim], pos_trans[..., c.hidden_dim :]
     else:
-      query_pos = jnp.broadcast_to(self.query_embed[:, :c.hidden_dim].astype(dt), (b, c.num_queries, c.hidden_dim))
-      tgt = jnp.broadcast_to(self.query_embed[:, c.hidden_dim:].astype(dt), (b, c.num_queries, c.hidden_dim))
-      reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))    # (B, Q, 2)
+      query_pos = jnp.broadcast_to(self.query_embed[:, : c.hidden_dim].astype(dt), (b, c.num_queries, c.hidden_dim))
+      tgt = jnp.broadcast_to(self.query_embed[:, c.hidden_dim :].astype(dt), (b, c.num_queries, c.hidden_dim))
+      reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))  # (B, Q, 2)
 
     # Decoder with per-layer heads; with refinement each layer's box is the next layer's reference.
     logits, boxes, locs, attws = [], [], [], []
     for lid, layer in enumerate(self.decoder_layers):
       scale = jnp.concatenate([ratios, ratios], -1) if reference.shape[-1] == 4 else ratios
-      ref_in = reference[:, :, None] * scale[:, None]                                     # (B, Q, L, 2|4)
+      ref_in = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2|4)
       tgt, loc, attw = layer(tgt, query_pos, ref_in, memory, shapes, mask_flat, det)
       cls_head, box_head = self._head(lid)
-      delta = box_head(tgt).astype(jnp.float32)                                           # (B, Q, 4)
+      delta = box_head(tgt).astype(jnp.float32)  # (B, Q, 4)
       inv_ref = inverse_sigmoid(reference)
       unact = delta + inv_ref if reference.shape[-1] == 4 else delta.at[..., :2].add(inv_ref)
       box = jax.nn.sigmoid(unact)
@@ -202,10 +238,14 @@ class SparseDETR(nn.Module):
       boxes.append(box)
       locs.append(loc)
       attws.append(attw)
-    out.update(pred_logits=logits[-1], pred_boxes=boxes[-1],
-               sampling_locations_dec=jnp.stack(locs, 1), attn_weights_dec=jnp.stack(attws, 1))
+    out.update(
+      pred_logits=logits[-1],
+      pred_boxes=boxes[-1],
+      sampling_locations_dec=jnp.stack(locs, 1),
+      attn_weights_dec=jnp.stack(attws, 1),
+    )
     if c.aux_loss:
-      out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": bx} for a, bx in zip(logits[:-1], boxes[:-1])]
+      out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": bx} for a, bx in zip(logits[:-1], boxes[:-1], strict=True)]
     return out
 
 
@@ -216,8 +256,10 @@ def check_inputs(images: jnp.ndarray, padding_mask: jnp.ndarray) -> None:
   if not jnp.issubdtype(images.dtype, jnp.floating):
     raise ValueError(f"images: expected normalised floats, got dtype {images.dtype}")
   if padding_mask.shape != images.shape[:3] or padding_mask.dtype != jnp.bool_:
-    raise ValueError(f"padding_mask: expected bool {tuple(images.shape[:3])} (True = padding), "
-                     f"got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+    raise ValueError(
+      f"padding_mask: expected bool {tuple(images.shape[:3])} (True = padding), "
+      f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+    )
 
 
 def build_model(config: ml_collections.ConfigDict) -> SparseDETR:
@@ -231,11 +273,11 @@ def dummy_inputs(c: ml_collections.ConfigDict):
   return jnp.zeros((1, s, s, 3), jnp.float32), jnp.zeros((1, s, s), bool)
 
 
-def init_variables(model: SparseDETR, rng: jax.Array) -> Dict[str, Any]:
+def init_variables(model: SparseDETR, rng: jax.Array) -> dict[str, Any]:
   """Freshly initialised variables ({'params', and 'batch_stats' for ResNet}) with the official init."""
   return jax.jit(model.init)(rng, *dummy_inputs(model.config))
 
 
-def variable_shapes(model: SparseDETR) -> Dict[str, Any]:
+def variable_shapes(model: SparseDETR) -> dict[str, Any]:
   """The variables' ShapeDtypeStructs, without computing anything."""
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), *dummy_inputs(model.config))

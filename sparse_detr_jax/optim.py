@@ -7,14 +7,19 @@ multiplied by 0.1 after `lr_drop` epochs. Weight decay applies to every paramete
 Frozen parameters (official requires_grad=False) get no update and do not count in the clipping norm:
 the ResNet stem and layer1 always; Swin's patch embedding and first stage when `freeze_early_backbone`.
 """
+
 from typing import Any
 
 import jax
 import optax
 
 LINEAR_PROJ_NAMES = ("sampling_offsets", "reference_points")
-FROZEN_PREFIXES = {"resnet50": ("backbone/conv1", "backbone/layer1_"),
-                   "swin-t": ("backbone/patch_embed", "backbone/layers_0_"), "none": (), "small_convnet": ()}
+FROZEN_PREFIXES = {
+  "resnet50": ("backbone/conv1", "backbone/layer1_"),
+  "swin-t": ("backbone/patch_embed", "backbone/layers_0_"),
+  "none": (),
+  "small_convnet": (),
+}
 
 
 def param_labels(params: Any, backbone: str, freeze_early_backbone: bool) -> Any:
@@ -39,19 +44,22 @@ def scaled_lr(lr: float, global_batch: int) -> float:
   return lr * (global_batch / 16) ** 0.5
 
 
-def make_optimizer(t, model_config, params: Any, global_batch: int, steps_per_epoch: int
-                   ) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
+def make_optimizer(
+  t, model_config, params: Any, global_batch: int, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
   """(optimizer, lr schedule per group) from the config's `train` block `t`."""
   drop = {t.lr_drop * steps_per_epoch: 0.1}
   base, backbone = scaled_lr(t.lr, global_batch), scaled_lr(t.lr_backbone, global_batch)
-  schedules = {"base": optax.piecewise_constant_schedule(base, drop),
-               "backbone": optax.piecewise_constant_schedule(backbone, drop),
-               "linear_proj": optax.piecewise_constant_schedule(base * t.lr_linear_proj_mult, drop)}
-  adamw = {k: optax.adamw(s, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay)
-           for k, s in schedules.items()}
+  schedules = {
+    "base": optax.piecewise_constant_schedule(base, drop),
+    "backbone": optax.piecewise_constant_schedule(backbone, drop),
+    "linear_proj": optax.piecewise_constant_schedule(base * t.lr_linear_proj_mult, drop),
+  }
+  adamw = {k: optax.adamw(s, b1=0.9, b2=0.999, eps=1e-8, weight_decay=t.weight_decay) for k, s in schedules.items()}
   labels = param_labels(params, model_config.backbone, t.freeze_early_backbone)
   tx = optax.chain(
-      optax.multi_transform({"frozen": optax.set_to_zero(), **{k: optax.identity() for k in adamw}}, labels),
-      optax.clip_by_global_norm(t.clip_max_norm) if t.clip_max_norm > 0 else optax.identity(),
-      optax.multi_transform({"frozen": optax.set_to_zero(), **adamw}, labels))
+    optax.multi_transform({"frozen": optax.set_to_zero(), **{k: optax.identity() for k in adamw}}, labels),
+    optax.clip_by_global_norm(t.clip_max_norm) if t.clip_max_norm > 0 else optax.identity(),
+    optax.multi_transform({"frozen": optax.set_to_zero(), **adamw}, labels),
+  )
   return tx, schedules

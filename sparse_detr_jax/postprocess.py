@@ -1,5 +1,4 @@
 """The official post-processing: the top detections over queries x classes, boxes in image pixels."""
-from typing import Dict
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +8,9 @@ from sparse_detr_jax import box_ops
 NUM_DETECTIONS = 100  # per image, as official (COCO evaluation keeps at most 100)
 
 
-def postprocess(outputs: Dict[str, jnp.ndarray], image_sizes: jnp.ndarray, num_detections: int = NUM_DETECTIONS
-                ) -> Dict[str, jnp.ndarray]:
+def postprocess(
+  outputs: dict[str, jnp.ndarray], image_sizes: jnp.ndarray, num_detections: int = NUM_DETECTIONS
+) -> dict[str, jnp.ndarray]:
   """Top `num_detections` (query, class) pairs by sigmoid score (all of them if there are fewer).
 
   outputs: pred_logits (B, Q, C), pred_boxes (B, Q, 4) cxcywh in [0, 1]; image_sizes: (B, 2) (h, w) of the
@@ -20,7 +20,7 @@ def postprocess(outputs: Dict[str, jnp.ndarray], image_sizes: jnp.ndarray, num_d
   b, q, c = logits.shape
   scores, idx = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), min(num_detections, q * c))  # (B, D)
   query, labels = idx // c, idx % c
-  xyxy = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(boxes), query[..., None], axis=1)      # (B, D, 4)
+  xyxy = jnp.take_along_axis(box_ops.cxcywh_to_xyxy(boxes), query[..., None], axis=1)  # (B, D, 4)
   h, w = image_sizes[:, 0].astype(jnp.float32), image_sizes[:, 1].astype(jnp.float32)
   scale = jnp.stack([w, h, w, h], -1)[:, None, :]
   return {"scores": scores, "labels": labels, "boxes": xyxy * scale}

@@ -11,6 +11,7 @@ with the detections drawn; with --mechanism also OUT/<name>_mechanism.png, Spars
 tokens and decoder attention map (DAM) per feature level. Category names come from the config's val
 annotation file when present, else COCO's.
 """
+
 import json
 import pathlib
 from typing import Any
@@ -49,12 +50,20 @@ def mechanism_pictures(outputs: dict, local: dict[str, np.ndarray]) -> dict[int,
   pictures = {}
   for slot in np.flatnonzero((local["image_id"] >= 0) & (local["skipped"] == 0)):
     pictures[int(local["image_id"][slot])] = visualize.mechanism_picture(
-        visualize.model_view(local, int(slot)), local["image"].shape[1:3], *visualize.token_maps(outputs, int(slot)))
+      visualize.model_view(local, int(slot)), local["image"].shape[1:3], *visualize.token_maps(outputs, int(slot))
+    )
   return pictures
 
 
-def predict(model, variables: dict, paths: list[str], data_config: ml_collections.ConfigDict, batch_size: int,
-            threshold: float, mechanism: bool = False) -> tuple[list[dict[str, Any]], dict[int, Image.Image]]:
+def predict(
+  model,
+  variables: dict,
+  paths: list[str],
+  data_config: ml_collections.ConfigDict,
+  batch_size: int,
+  threshold: float,
+  mechanism: bool = False,
+) -> tuple[list[dict[str, Any]], dict[int, Image.Image]]:
   """(one entry per path: {'file', 'width', 'height', 'detections': [{'category_id', 'bbox' xywh, 'score'}]}
   ('error' instead of detections when the image cannot be decoded), {image id (1-based position):
   mechanism picture} when `mechanism`)."""
@@ -72,7 +81,7 @@ def predict(model, variables: dict, paths: list[str], data_config: ml_collection
     if mechanism:
       pictures.update(mechanism_pictures(out, local))
   out = []
-  for i, path in zip(source.image_ids, source.paths):
+  for i, path in zip(source.image_ids, source.paths, strict=True):
     w, h = (int(v) for v in source.sizes[i - 1])
     entry = {"file": str(path), "width": w, "height": h}
     if int(i) in unreadable:
@@ -83,8 +92,9 @@ def predict(model, variables: dict, paths: list[str], data_config: ml_collection
   return out, pictures
 
 
-def write(results: list[dict[str, Any]], names: dict[int, str], out_dir: str,
-          mechanism: dict[int, Image.Image] | None = None) -> None:
+def write(
+  results: list[dict[str, Any]], names: dict[int, str], out_dir: str, mechanism: dict[int, Image.Image] | None = None
+) -> None:
   """OUT/detections.json (category names and picture paths added), OUT/<name>.png per readable image,
   and OUT/<name>_mechanism.png for the images in `mechanism` (keyed by 1-based position)."""
   out = pathlib.Path(out_dir)
@@ -104,9 +114,13 @@ def write(results: list[dict[str, Any]], names: dict[int, str], out_dir: str,
       d["category"] = names.get(d["category_id"], f"class {d['category_id']}")
     image = sources.ImageFiles([r["file"]]).image(0)
     xywh = np.array([d["bbox"] for d in r["detections"]], np.float32).reshape(-1, 4)
-    picture = visualize.draw_detections(image, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
-                                        np.array([d["category_id"] for d in r["detections"]]),
-                                        np.array([d["score"] for d in r["detections"]]), names)
+    picture = visualize.draw_detections(
+      image,
+      np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+      np.array([d["category_id"] for d in r["detections"]]),
+      np.array([d["score"] for d in r["detections"]]),
+      names,
+    )
     picture.save(r["picture"])
   (out / "detections.json").write_text(json.dumps(results, indent=1))
 
@@ -120,8 +134,7 @@ def main(argv: list[str]) -> None:
   trainer.quiet_orbax_logs()
   cfg = FLAGS.config
   model, variables, _ = trainer.load_for_inference(cfg, FLAGS.workdir, FLAGS.checkpoint)
-  results, pictures = predict(model, variables, paths, cfg.data, cfg.eval.batch_size, FLAGS.threshold,
-                              FLAGS.mechanism)
+  results, pictures = predict(model, variables, paths, cfg.data, cfg.eval.batch_size, FLAGS.threshold, FLAGS.mechanism)
   write(results, category_names(cfg.data), FLAGS.out, pictures)
   for r in results:
     logging.info("%s: %s", r["file"], r.get("error") or f"{len(r['detections'])} detections")

@@ -3,6 +3,7 @@
 Shapes are static: every image of a batch gets K = `num_kept_slots(N, rho)` slots (the most any image
 on this canvas can keep); image i keeps (scatters back) only its first `count_i = int(valid_i * rho) + 1`.
 """
+
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ class ScoringNetwork(nn.Module):
   (padding included) and broadcast (global context); then Linear(h/2) -> GELU -> Linear(h/4) -> GELU
   -> Linear(1). x: (B, N, C) -> (B, N).
   """
+
   hidden_dim: int = 256
   dtype: Any = None
 
@@ -27,16 +29,19 @@ class ScoringNetwork(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     h = self.hidden_dim
     z = layers.layer_norm(name="layer1_norm", dtype=self.dtype)(x)
-    z = nn.gelu(layers.Linear(h, kernel_init=layers.xavier_uniform, dtype=self.dtype, name="layer1_linear")(z),
-                approximate=False)                                   # (B, N, h)
-    z_local, z_global = z[..., : h // 2], z[..., h // 2:]
+    z = nn.gelu(
+      layers.Linear(h, kernel_init=layers.xavier_uniform, dtype=self.dtype, name="layer1_linear")(z), approximate=False
+    )  # (B, N, h)
+    z_local, z_global = z[..., : h // 2], z[..., h // 2 :]
     z_global = jnp.broadcast_to(jnp.mean(z_global, axis=1, keepdims=True), z_local.shape)
     z = jnp.concatenate([z_local, z_global], axis=-1)
     for i, width in enumerate((h // 2, h // 4)):
-      z = nn.gelu(layers.Linear(width, kernel_init=layers.xavier_uniform, dtype=self.dtype,
-                                name=f"layer2_linear{i}")(z), approximate=False)
+      z = nn.gelu(
+        layers.Linear(width, kernel_init=layers.xavier_uniform, dtype=self.dtype, name=f"layer2_linear{i}")(z),
+        approximate=False,
+      )
     z = layers.Linear(1, kernel_init=layers.xavier_uniform, dtype=self.dtype, name="layer2_linear2")(z)
-    return z[..., 0].astype(jnp.float32)                               # (B, N)
+    return z[..., 0].astype(jnp.float32)  # (B, N)
 
 
 def num_kept_slots(num_tokens: int, rho: float) -> int:
@@ -52,10 +57,11 @@ def kept_token_counts(padding_mask: jnp.ndarray, rho: float) -> jnp.ndarray:
 
 class TopRho(NamedTuple):
   """The result of top-rho selection."""
-  indices: jnp.ndarray     # (B, K) int32 token indices, best score first
-  counts: jnp.ndarray      # (B,) int32 tokens image b scatters back (its first counts[b] slots)
-  slot_mask: jnp.ndarray   # (B, K) bool, slot < counts[b]
-  scores: jnp.ndarray      # (B, N) scores with padded tokens set to the batch minimum
+
+  indices: jnp.ndarray  # (B, K) int32 token indices, best score first
+  counts: jnp.ndarray  # (B,) int32 tokens image b scatters back (its first counts[b] slots)
+  slot_mask: jnp.ndarray  # (B, K) bool, slot < counts[b]
+  scores: jnp.ndarray  # (B, N) scores with padded tokens set to the batch minimum
 
 
 def select_top_rho(scores: jnp.ndarray, padding_mask: jnp.ndarray, rho: float) -> TopRho:
@@ -66,7 +72,7 @@ def select_top_rho(scores: jnp.ndarray, padding_mask: jnp.ndarray, rho: float) -
   """
   k = num_kept_slots(scores.shape[1], rho)
   scores = jnp.where(padding_mask, jnp.min(scores), scores)
-  _, indices = jax.lax.top_k(jax.lax.stop_gradient(scores), k)       # (B, K)
+  _, indices = jax.lax.top_k(jax.lax.stop_gradient(scores), k)  # (B, K)
   counts = kept_token_counts(padding_mask, rho)
   slot_mask = jnp.arange(k)[None, :] < counts[:, None]
   return TopRho(indices.astype(jnp.int32), counts, slot_mask, scores)
@@ -83,5 +89,5 @@ def scatter_kept(memory: jnp.ndarray, kept: jnp.ndarray, sel: TopRho) -> jnp.nda
   memory: (B, N, C); kept: (B, K, C). Slots beyond an image's count are dropped; other tokens pass unchanged.
   """
   n = memory.shape[1]
-  target = jnp.where(sel.slot_mask, sel.indices, n)                   # (B, K); n = out of range
+  target = jnp.where(sel.slot_mask, sel.indices, n)  # (B, K); n = out of range
   return jax.vmap(lambda mb, tb, kb: mb.at[tb].set(kb, mode="drop"))(memory, target, kept)

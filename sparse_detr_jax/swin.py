@@ -5,7 +5,9 @@ with relative position bias (feature maps padded to window multiples, -100 atten
 shifted-window borders), patch merging (odd sizes padded), a LayerNorm on each returned stage.
 Returns stages 2-4 (strides 8, 16, 32), NHWC.
 """
-from typing import Any, List, Sequence
+
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -57,6 +59,7 @@ def window_reverse(x: jnp.ndarray, window: int, h: int, w: int) -> jnp.ndarray:
 
 class DropPath(nn.Module):
   """Stochastic depth: drop the whole residual branch per sample (rng 'dropout')."""
+
   rate: float
 
   @nn.compact
@@ -69,6 +72,7 @@ class DropPath(nn.Module):
 
 class WindowAttention(nn.Module):
   """Multi-head self-attention inside windows with a learned relative position bias."""
+
   dim: int
   num_heads: int
   window: int
@@ -80,9 +84,12 @@ class WindowAttention(nn.Module):
     bw, n, c = x.shape
     d = c // self.num_heads
     table = self.param("relative_position_bias_table", _linear_init, ((2 * self.window - 1) ** 2, self.num_heads))
-    qkv = layers.Linear(3 * c, kernel_init=_linear_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                        name="qkv")(x).reshape(bw, n, 3, self.num_heads, d).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * d ** -0.5, qkv[1], qkv[2]                       # (B*nW, heads, N, d)
+    qkv = (
+      layers.Linear(3 * c, kernel_init=_linear_init, bias_init=nn.initializers.zeros, dtype=self.dtype, name="qkv")(x)
+      .reshape(bw, n, 3, self.num_heads, d)
+      .transpose(2, 0, 3, 1, 4)
+    )
+    q, k, v = qkv[0] * d**-0.5, qkv[1], qkv[2]  # (B*nW, heads, N, d)
     attn = q @ jnp.swapaxes(k, -1, -2)
     bias = table[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1).transpose(2, 0, 1)
     attn = attn + bias[None].astype(attn.dtype)
@@ -91,8 +98,9 @@ class WindowAttention(nn.Module):
       attn = (attn.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]).reshape(bw, self.num_heads, n, n)
     attn = jax.nn.softmax(attn.astype(jnp.float32), -1).astype(v.dtype)
     out = (attn @ v).transpose(0, 2, 1, 3).reshape(bw, n, c)
-    return layers.Linear(c, kernel_init=_linear_init, bias_init=nn.initializers.zeros, dtype=self.dtype,
-                         name="proj")(out)
+    return layers.Linear(c, kernel_init=_linear_init, bias_init=nn.initializers.zeros, dtype=self.dtype, name="proj")(
+      out
+    )
 
 
 class SwinBlock(nn.Module):
@@ -110,7 +118,7 @@ class SwinBlock(nn.Module):
     ws = self.window
     y = layers.layer_norm("norm1", self.dtype)(x)
     hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-    y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))       # pad after the norm, as official
+    y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))  # pad after the norm, as official
     mask = None
     if self.shift:
       y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
@@ -121,14 +129,19 @@ class SwinBlock(nn.Module):
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
     x = x + DropPath(self.drop_path)(y[:, :h, :w], deterministic)
     y = layers.layer_norm("norm2", self.dtype)(x)
-    y = nn.gelu(layers.Linear(int(c * MLP_RATIO), kernel_init=_linear_init, bias_init=nn.initializers.zeros,
-                              dtype=self.dtype, name="mlp_fc1")(y), approximate=False)
+    y = nn.gelu(
+      layers.Linear(
+        int(c * MLP_RATIO), kernel_init=_linear_init, bias_init=nn.initializers.zeros, dtype=self.dtype, name="mlp_fc1"
+      )(y),
+      approximate=False,
+    )
     y = layers.Linear(c, kernel_init=_linear_init, bias_init=nn.initializers.zeros, dtype=self.dtype, name="mlp_fc2")(y)
     return x + DropPath(self.drop_path)(y, deterministic)
 
 
 class PatchMerging(nn.Module):
   """2x2 neighbourhood concat (odd sizes zero-padded), LayerNorm(4C), Linear(2C, no bias)."""
+
   dtype: Any = None
 
   @nn.compact
@@ -143,6 +156,7 @@ class PatchMerging(nn.Module):
 
 class SwinTransformer(nn.Module):
   """Swin backbone returning stages 2-4 (strides 8, 16, 32) with their output norms, NHWC."""
+
   embed_dim: int = 96
   depths: Sequence[int] = (2, 2, 6, 2)
   num_heads: Sequence[int] = (3, 6, 12, 24)
@@ -151,23 +165,36 @@ class SwinTransformer(nn.Module):
   dtype: Any = None
 
   @property
-  def num_channels(self) -> List[int]:
-    return [self.embed_dim * 2 ** i for i in OUT_STAGES]
+  def num_channels(self) -> list[int]:
+    return [self.embed_dim * 2**i for i in OUT_STAGES]
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> List[jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
     b, h, w, _ = x.shape
     x = jnp.pad(x, ((0, 0), (0, -h % PATCH_SIZE), (0, -w % PATCH_SIZE), (0, 0)))
-    x = nn.Conv(self.embed_dim, (PATCH_SIZE, PATCH_SIZE), strides=(PATCH_SIZE, PATCH_SIZE), padding="VALID",
-                dtype=self.dtype, name="patch_embed_proj")(x)                              # (B, H/4, W/4, C)
+    x = nn.Conv(
+      self.embed_dim,
+      (PATCH_SIZE, PATCH_SIZE),
+      strides=(PATCH_SIZE, PATCH_SIZE),
+      padding="VALID",
+      dtype=self.dtype,
+      name="patch_embed_proj",
+    )(x)  # (B, H/4, W/4, C)
     x = layers.layer_norm("patch_embed_norm", self.dtype)(x)
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     outs, block = [], 0
-    for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-      dim = self.embed_dim * 2 ** i
+    for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
+      dim = self.embed_dim * 2**i
       for j in range(depth):
-        x = SwinBlock(dim, heads, self.window, 0 if j % 2 == 0 else self.window // 2, float(rates[block]),
-                      self.dtype, name=f"layers_{i}_blocks_{j}")(x, not train)
+        x = SwinBlock(
+          dim,
+          heads,
+          self.window,
+          0 if j % 2 == 0 else self.window // 2,
+          float(rates[block]),
+          self.dtype,
+          name=f"layers_{i}_blocks_{j}",
+        )(x, not train)
         block += 1
       if i in OUT_STAGES:
         outs.append(layers.layer_norm(f"norm{i}", self.dtype)(x))

@@ -5,6 +5,8 @@ every host: each device computes the official losses on its slice (box count ave
 axis, losses.compute), the total is averaged over the axis, so the gradient is the global-batch
 gradient; the state is replicated and donated.
 """
+
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,10 +22,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from sparse_detr_jax import convert, evaluator, losses, metrics_writer, model as model_lib, optim, visualize
+from sparse_detr_jax import convert, evaluator, loop, losses, metrics_writer, optim, visualize
+from sparse_detr_jax import model as model_lib
+from sparse_detr_jax import workdir as workdir_lib
 from sparse_detr_jax.data import pipeline, sources
+
+BATCH_KEYS = ("image", "padding_mask", "labels", "boxes", "box_valid")  # what the train step reads
 
 
 @flax.struct.dataclass
@@ -33,6 +40,14 @@ class TrainState:
   opt_state: Any
   rng: jax.Array
   constants: Any  # non-trained collections (frozen BatchNorm statistics)
+  nonfinite_steps: jax.Array  # () int32: steps whose loss or gradient was non-finite (not applied)
+  first_nonfinite: jax.Array  # () int32: the first such step, -1 if none
+
+  @classmethod
+  def create(cls, params: Any, opt_state: Any, rng: jax.Array, constants: Any) -> "TrainState":
+    return cls(
+      jnp.zeros((), jnp.int32), params, opt_state, rng, constants, jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
+    )
 
 
 def data_mesh() -> Mesh:
@@ -46,8 +61,9 @@ def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> 
   if t.init_checkpoint:
     _, variables, mc = convert.load_official(t.init_checkpoint, num_classes=cfg.model.num_classes, seed=t.seed)
     if mc.backbone != cfg.model.backbone:
-      raise ValueError(f"train.init_checkpoint {t.init_checkpoint} has backbone {mc.backbone}, config has "
-                       f"{cfg.model.backbone}")
+      raise ValueError(
+        f"train.init_checkpoint {t.init_checkpoint} has backbone {mc.backbone}, config has {cfg.model.backbone}"
+      )
     return variables
   variables = model_lib.init_variables(model, rng)
   if t.backbone_checkpoint:
@@ -55,17 +71,26 @@ def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> 
   return variables
 
 
-def make_train_step(model, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh,
-                    schedules: dict):
-  """jitted (state, batch) -> (state, metrics); state donated. A non-finite loss or gradient norm
-  leaves the state unchanged and sets metrics['nonfinite']."""
+def make_train_step(
+  model, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh, schedules: dict
+):
+  """jitted (state, batch) -> (state, metrics); state donated.
+
+  A non-finite loss or gradient norm leaves the parameters and optimiser state unchanged, counts the
+  step in `state.nonfinite_steps` and records the first one in `state.first_nonfinite`, all on the
+  device (the loop reads them only at log / checkpoint / eval steps). With `train.on_nonfinite =
+  'stop'`, no update is applied after the first non-finite step either, so the state the loop stops
+  with is the last good one."""
+  stop = cfg.train.on_nonfinite == "stop"
+
   def per_device(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index("data"))
     targets = {"labels": batch["labels"], "boxes": batch["boxes"], "valid": batch["box_valid"]}
 
     def loss_fn(params):
-      out = model.apply({"params": params, **state.constants}, batch["image"], batch["padding_mask"],
-                        train=True, rngs={"dropout": rng})
+      out = model.apply(
+        {"params": params, **state.constants}, batch["image"], batch["padding_mask"], train=True, rngs={"dropout": rng}
+      )
       ld = losses.compute(out, targets, cfg, axis_name="data")
       return jax.lax.pmean(losses.total(ld, cfg), "data"), ld
 
@@ -75,10 +100,19 @@ def make_train_step(model, cfg: ml_collections.ConfigDict, tx: optax.GradientTra
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state.replace(step=state.step + 1))
+    apply = ok & (state.first_nonfinite < 0) if stop else ok
+    new = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, state.replace(step=state.step + 1))
+    new = new.replace(
+      nonfinite_steps=state.nonfinite_steps + (~ok).astype(jnp.int32),
+      first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~ok, state.step + 1, state.first_nonfinite),
+    )
     metrics = {k: jax.lax.pmean(v, "data") for k, v in ld.items()}
-    metrics.update(total_loss=loss, grad_norm=gnorm, nonfinite=(~ok).astype(jnp.int32),
-                   **{f"lr/{k}": s(state.step) for k, s in schedules.items()})
+    metrics.update(
+      total_loss=loss,
+      grad_norm=gnorm,
+      nonfinite=(~ok).astype(jnp.int32),
+      **{f"lr/{k}": s(state.step) for k, s in schedules.items()},
+    )
     return new, metrics
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P(), P()))
@@ -86,34 +120,45 @@ def make_train_step(model, cfg: ml_collections.ConfigDict, tx: optax.GradientTra
 
 
 def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Orbax manager of WORKDIR/checkpoints (items `state` and `data`, the iterator state). Saves are
+  asynchronous: `save` returns once the arrays are copied to host memory and the write goes on in the
+  background; a step directory appears only when complete, so a kill mid-write leaves the previous one."""
   return ocp.CheckpointManager(
-      pathlib.Path(workdir).absolute() / "checkpoints",
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False),
-      item_names=("state", "data"))
+    pathlib.Path(workdir).absolute() / "checkpoints",
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
+    item_names=("state", "data"),
+  )
 
 
 def quiet_orbax_logs() -> None:
   """Keep Orbax's per-save INFO lines out of the console (its warnings and errors still show)."""
   absl_logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname)
+    lambda r: r.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname
+  )
 
 
 def restore_variables(path: str) -> dict:
   """{'params', ...constants} of a checkpoint step directory written by `train`, on this host's first
   device whatever topology saved it (e.g. a multi-host run evaluated on one machine)."""
-  ckpt = ocp.CheckpointManager(pathlib.Path(path).absolute().parent, item_names=("state", "data"),
-                               item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                              "data": ocp.JsonCheckpointHandler()})
   step = int(pathlib.Path(path).name)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        ckpt.item_metadata(step)["state"])
-  state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+  with contextlib.closing(
+    ocp.CheckpointManager(
+      pathlib.Path(path).absolute().parent,
+      item_names=("state", "data"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+    )
+  ) as ckpt:
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ckpt.item_metadata(step)["state"]
+    )
+    state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   return {"params": state["params"], **state["constants"]}
 
 
-def load_for_inference(cfg: ml_collections.ConfigDict, workdir: str | None = None, checkpoint: str | None = None
-                       ) -> tuple[Any, dict, str]:
+def load_for_inference(
+  cfg: ml_collections.ConfigDict, workdir: str | None = None, checkpoint: str | None = None
+) -> tuple[Any, dict, str]:
   """(model, variables, output directory) from `checkpoint` (a step directory or an official .pth, whose
   architecture then comes from the .pth) or else the latest checkpoint of the training run in `workdir`."""
   if checkpoint and checkpoint.endswith(".pth"):
@@ -122,15 +167,21 @@ def load_for_inference(cfg: ml_collections.ConfigDict, workdir: str | None = Non
   if not checkpoint:
     if not workdir:
       raise ValueError("give a workdir or a checkpoint")
-    mngr = checkpoint_manager(workdir, keep=1)
-    if mngr.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-    checkpoint = str(pathlib.Path(mngr.directory) / str(mngr.latest_step()))
+    with contextlib.closing(checkpoint_manager(workdir, keep=1)) as mngr:
+      if mngr.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+      checkpoint = str(pathlib.Path(mngr.directory) / str(mngr.latest_step()))
   return model_lib.build_model(cfg.model), restore_variables(checkpoint), workdir or checkpoint
 
 
-def write_pictures(writer: metrics_writer.MetricsWriter, step: int, model, state: TrainState, val_source,
-                   data_config: ml_collections.ConfigDict) -> None:
+def write_pictures(
+  writer: metrics_writer.MetricsWriter,
+  step: int,
+  model,
+  state: TrainState,
+  val_source,
+  data_config: ml_collections.ConfigDict,
+) -> None:
   """TensorBoard pictures of the first val image: detections and the kept tokens / DAM per level."""
   batch = pipeline.eval_dataset(val_source, data_config, 1)[0]
   variables = jax.tree.map(lambda x: x.addressable_data(0), {"params": state.params, **state.constants})
@@ -152,9 +203,22 @@ def schedule(cfg, train_source) -> Schedule:
   return Schedule(g, spe, total)
 
 
+def _precompile(option: str) -> bool:
+  if option not in ("auto", "always", "never"):
+    raise ValueError(f"train.precompile: expected 'auto', 'always' or 'never', got {option!r}")
+  return option == "always" or (option == "auto" and jax.default_backend() != "cpu")
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Train (resuming from the latest checkpoint in workdir), evaluating periodically and at the end."""
+  """Train (resuming from the latest checkpoint in workdir), evaluating periodically and at the end.
+
+  Steady-state steps do no device-to-host transfer: the host reads the device only at log, checkpoint,
+  eval and picture steps, so it dispatches step N+1 and copies batch N+2 while step N runs.
+  Checkpoints are written in the background. On SIGTERM (or, on
+  a pod, JAX's preemption notice) every host saves at the same next step and `train` returns.
+  """
   t = cfg.train
+  workdir_lib.check_and_record(cfg, workdir)
   mesh = data_mesh()
   model = model_lib.build_model(cfg.model)
   train_source = sources.build_source(cfg.data, "train")
@@ -162,61 +226,109 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   variables = initial_variables(cfg, model, jax.random.PRNGKey(t.seed))
   params = variables.pop("params")
   tx, schedules = optim.make_optimizer(t, cfg.model, params, sch.global_batch, sch.steps_per_epoch)
-  state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(t.seed + 1), variables)
-  ds = pipeline.train_dataset(train_source, cfg.data, sch.global_batch, t.seed, sch.total_steps,
-                              jax.process_index(), jax.process_count())
-  it = pipeline.iterate(ds, cfg.data.num_workers, cfg.data.prefetch)
-  mngr = checkpoint_manager(workdir, t.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore()))
-    state = restored["state"]
-    it.set_state(restored["data"])
-    logging.info("resumed from %s at step %d", mngr.directory, int(state.step))
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
-  step_fn = make_train_step(model, cfg, tx, mesh, schedules)
-  writer = metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  val_source = (sources.build_source(cfg.data, "val")
-                if (t.eval_every_steps or t.eval_at_end or t.picture_every_steps) else None)
-  start, skipped = int(state.step), 0
-  window_step, window_start = start, time.time()
-  writer.text(start, "config", cfg.to_json_best_effort(indent=1))
-  for step in range(start + 1, sch.total_steps + 1):
-    local = next(it)
-    skipped += int(local["skipped"].sum())
-    batch = evaluator.global_batch(mesh, {k: local[k] for k in (
-        "image", "padding_mask", "labels", "boxes", "box_valid")})
-    state, metrics = step_fn(state, batch)
-    if step % t.log_every == 0 or step == sch.total_steps or step == start + 1:
-      metrics = jax.tree.map(float, jax.device_get(metrics))
-      if metrics["nonfinite"] and t.on_nonfinite == "stop":
+  state = TrainState.create(params, tx.init(params), jax.random.PRNGKey(t.seed + 1), variables)
+  ds = pipeline.train_dataset(
+    train_source, cfg.data, sch.global_batch, t.seed, sch.total_steps, jax.process_index(), jax.process_count()
+  )
+  val_source = (
+    sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end or t.picture_every_steps) else None
+  )
+  with contextlib.ExitStack() as stack:  # closes worker processes, the checkpoint writer and the event files
+    it = stack.enter_context(contextlib.closing(pipeline.iterate(ds, cfg.data.num_workers, cfg.data.prefetch)))
+    mngr = stack.enter_context(contextlib.closing(checkpoint_manager(workdir, t.keep_checkpoints)))
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))  # replicated: also the restore target
+    if mngr.latest_step() is not None:
+      restored = mngr.restore(
+        mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(state), data=ocp.args.JsonRestore())
+      )
+      state = restored["state"]
+      it.set_state(restored["data"])
+      logging.info("resumed from %s at step %d", mngr.directory, int(state.step))
+    writer = stack.enter_context(
+      contextlib.closing(metrics_writer.MetricsWriter(workdir, enabled=jax.process_index() == 0))
+    )
+    watcher = stack.enter_context(loop.PreemptionWatcher())
+    start = int(state.step)
+    writer.text(start, "config", cfg.to_json_best_effort(indent=1))
+    batches = loop.DevicePrefetch(it, mesh, BATCH_KEYS, size=2)
+    step_fn = loop.StepExecutables(make_train_step(model, cfg, tx, mesh, schedules))
+    skipped, window_step, window_start = 0, start, time.time()
+    for step in range(start + 1, sch.total_steps + 1):
+      batch, host, data_state = next(batches)
+      if step == start + 1 and _precompile(t.precompile):
+        step_fn.compile_all(state, batch, pipeline.data_spec(cfg.data).buckets)
+      skipped += int(host["skipped"].sum())
+      preempted = watcher.reached(step)
+      checkpoint = step % t.checkpoint_every == 0 or step == sch.total_steps or preempted
+      log = step % t.log_every == 0 or step == sch.total_steps or step == start + 1 or preempted
+      picture = bool(t.picture_every_steps) and step % t.picture_every_steps == 0
+      evaluate = val_source is not None and (
+        (t.eval_every_steps and step % t.eval_every_steps == 0) or (t.eval_at_end and step == sch.total_steps)
+      )
+      state, metrics = step_fn(state, batch)
+      if not (checkpoint or log or picture or evaluate):
+        continue  # a steady-state step: no device read, so the host runs ahead (tests/test_trainer.py checks)
+      nonfinite_steps, first_nonfinite = (
+        int(x) for x in jax.device_get((state.nonfinite_steps, state.first_nonfinite))
+      )
+      if first_nonfinite >= 0 and t.on_nonfinite == "stop":
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {step} (total_loss={metrics['total_loss']}); the update was "
-            f"not applied and no checkpoint was written. Latest checkpoint: step {mngr.latest_step()}")
-      now = time.time()  # images/s over the steps since the last log line (the first includes compilation)
-      rate = (step - window_step) * sch.global_batch / max(now - window_start, 1e-9)
-      window_step, window_start = step, now
-      metrics.update(images_per_second=rate, skipped_images=skipped, epoch=step / sch.steps_per_epoch)
-      writer.scalars(step, metrics)
-      eta = (sch.total_steps - step) * sch.global_batch / max(rate, 1e-9)
-      logging.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  ETA %s", step, sch.total_steps,
-                   metrics["total_loss"], metrics["lr/base"], metrics["grad_norm"], rate,
-                   time.strftime("%H:%M:%S", time.gmtime(eta)))
-    elif t.on_nonfinite == "stop" and int(metrics["nonfinite"]):
-      raise FloatingPointError(f"non-finite loss or gradient at step {step}; the update was not applied and no "
-                               f"checkpoint was written. Latest checkpoint: step {mngr.latest_step()}")
-    if step % t.checkpoint_every == 0 or step == sch.total_steps:
-      mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                              data=ocp.args.JsonSave(it.get_state())))
-    if t.picture_every_steps and step % t.picture_every_steps == 0 and jax.process_index() == 0:
-      write_pictures(writer, step, model, state, val_source, cfg.data)
-    if val_source is not None and ((t.eval_every_steps and step % t.eval_every_steps == 0)
-                                   or (t.eval_at_end and step == sch.total_steps)):
-      stats = evaluator.evaluate(model, {"params": state.params, **state.constants}, val_source, cfg.data,
-                                 cfg.eval.batch_size, mesh, workdir, tag=f"eval_step{step}")
-      writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
-  mngr.wait_until_finished()
-  writer.close()
+          f"non-finite loss or gradient at step {first_nonfinite} (seen at step {step}); no update was applied "
+          f"from it on and no checkpoint was written after it. Latest checkpoint: step {mngr.latest_step()} in "
+          f"{mngr.directory}"
+        )
+      if log:
+        metrics = jax.tree.map(float, jax.device_get(metrics))
+        now = time.time()  # images/s over the steps since the last log line (the first includes compilation)
+        rate = (step - window_step) * sch.global_batch / max(now - window_start, 1e-9)
+        window_step, window_start = step, now
+        metrics.update(
+          images_per_second=rate,
+          skipped_images=skipped,
+          epoch=step / sch.steps_per_epoch,
+          nonfinite_steps=nonfinite_steps,
+        )
+        writer.scalars(step, metrics)
+        eta = (sch.total_steps - step) * sch.global_batch / max(rate, 1e-9)
+        logging.info(
+          "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  ETA %s",
+          step,
+          sch.total_steps,
+          metrics["total_loss"],
+          metrics["lr/base"],
+          metrics["grad_norm"],
+          rate,
+          time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
+      if checkpoint:  # the data state read with this step's batch: a resume starts at the next batch
+        mngr.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+          force=True,
+        )
+      if preempted:
+        mngr.wait_until_finished()
+        logging.warning(
+          "preempted: stopped after step %d of %d with a checkpoint at %s; rerun the same command to resume",
+          step,
+          sch.total_steps,
+          os.path.join(mngr.directory, str(step)),
+        )
+        break
+      if picture and jax.process_index() == 0:
+        write_pictures(writer, step, model, state, val_source, cfg.data)
+      if evaluate:
+        stats = evaluator.evaluate(
+          model,
+          {"params": state.params, **state.constants},
+          val_source,
+          cfg.data,
+          cfg.eval.batch_size,
+          mesh,
+          workdir,
+          tag=f"eval_step{step}",
+        )
+        writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
   if skipped:
     logging.warning("%d training samples could not be read and were replaced by empty images", skipped)
   return state

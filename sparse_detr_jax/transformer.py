@@ -3,7 +3,8 @@
 Tokens of all levels are flattened level by level, row-major inside a level (the official order), so
 token indices agree with the official `backbone_topk_proposals` and two-stage query indices.
 """
-from typing import Any, NamedTuple, Tuple
+
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -13,14 +14,14 @@ import numpy as np
 from sparse_detr_jax import layers
 from sparse_detr_jax.deformable_attention import MSDeformAttn, SpatialShapes
 
-PROPOSAL_BASE_SIZE = 0.05            # two-stage proposal size at level l: 0.05 * 2**l
+PROPOSAL_BASE_SIZE = 0.05  # two-stage proposal size at level l: 0.05 * 2**l
 PROPOSAL_VALID_RANGE = (0.01, 0.99)  # a proposal is valid when all 4 numbers lie strictly inside
 
 
 def valid_ratios(level_masks) -> jnp.ndarray:
   """(valid width / W, valid height / H) of every level from its first row/column: (B, L, 2)."""
   ratios = []
-  for m in level_masks:                                               # (B, h, w)
+  for m in level_masks:  # (B, h, w)
     vh = jnp.sum(~m[:, :, 0], axis=1).astype(jnp.float32) / m.shape[1]
     vw = jnp.sum(~m[:, 0, :], axis=1).astype(jnp.float32) / m.shape[2]
     ratios.append(jnp.stack([vw, vh], -1))
@@ -32,14 +33,14 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: jnp.ndarray)
   refs = []
   for lvl, (h, w) in enumerate(spatial_shapes):
     ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5, indexing="ij")
-    ry = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)        # (B, h*w)
+    ry = ys.reshape(-1)[None] / (ratios[:, None, lvl, 1] * h)  # (B, h*w)
     rx = xs.reshape(-1)[None] / (ratios[:, None, lvl, 0] * w)
     refs.append(jnp.stack([rx, ry], -1))
-  ref = jnp.concatenate(refs, 1)                                      # (B, N, 2)
-  return ref[:, :, None] * ratios[:, None]                            # (B, N, L, 2)
+  ref = jnp.concatenate(refs, 1)  # (B, N, 2)
+  return ref[:, :, None] * ratios[:, None]  # (B, N, L, 2)
 
 
-def encoder_proposals(padding_mask: jnp.ndarray, spatial_shapes: SpatialShapes) -> Tuple[jnp.ndarray, jnp.ndarray]:
+def encoder_proposals(padding_mask: jnp.ndarray, spatial_shapes: SpatialShapes) -> tuple[jnp.ndarray, jnp.ndarray]:
   """A box proposal for every token (official `gen_encoder_output_proposals`, geometry part).
 
   Centre ((x + 0.5) / valid_w, (y + 0.5) / valid_h), size 0.05 * 2**level. padding_mask: (B, N).
@@ -48,16 +49,16 @@ def encoder_proposals(padding_mask: jnp.ndarray, spatial_shapes: SpatialShapes) 
   b = padding_mask.shape[0]
   props, start = [], 0
   for lvl, (h, w) in enumerate(spatial_shapes):
-    m = padding_mask[:, start:start + h * w].reshape(b, h, w)
+    m = padding_mask[:, start : start + h * w].reshape(b, h, w)
     vh = jnp.sum(~m[:, :, 0], axis=1).astype(jnp.float32)
     vw = jnp.sum(~m[:, 0, :], axis=1).astype(jnp.float32)
     ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
-    cx = (xs.reshape(-1)[None] + 0.5) / vw[:, None]                    # (B, h*w)
+    cx = (xs.reshape(-1)[None] + 0.5) / vw[:, None]  # (B, h*w)
     cy = (ys.reshape(-1)[None] + 0.5) / vh[:, None]
-    wh = jnp.full_like(cx, PROPOSAL_BASE_SIZE * 2.0 ** lvl)
+    wh = jnp.full_like(cx, PROPOSAL_BASE_SIZE * 2.0**lvl)
     props.append(jnp.stack([cx, cy, wh, wh], -1))
     start += h * w
-  p = jnp.concatenate(props, 1)                                       # (B, N, 4)
+  p = jnp.concatenate(props, 1)  # (B, N, 4)
   lo, hi = PROPOSAL_VALID_RANGE
   valid = jnp.all((p > lo) & (p < hi), axis=-1) & ~padding_mask
   safe = jnp.where(valid[..., None], p, 0.5)
@@ -66,6 +67,7 @@ def encoder_proposals(padding_mask: jnp.ndarray, spatial_shapes: SpatialShapes) 
 
 class _LayerShape(nn.Module):
   """Sizes shared by encoder and decoder layers."""
+
   d_model: int
   d_ffn: int
   dropout: float
@@ -79,11 +81,20 @@ class EncoderLayer(_LayerShape):
   """Deformable self-attention (queries may be a subset of tokens) + FFN, post-norm."""
 
   @nn.compact
-  def __call__(self, query: jnp.ndarray, pos: jnp.ndarray, reference_points: jnp.ndarray, memory: jnp.ndarray,
-               spatial_shapes: SpatialShapes, padding_mask: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+  def __call__(
+    self,
+    query: jnp.ndarray,
+    pos: jnp.ndarray,
+    reference_points: jnp.ndarray,
+    memory: jnp.ndarray,
+    spatial_shapes: SpatialShapes,
+    padding_mask: jnp.ndarray,
+    deterministic: bool,
+  ) -> jnp.ndarray:
     """query, pos: (B, Q, C) (Q = N dense, K sparse); memory: (B, N, C) values. Returns (B, Q, C)."""
-    attn, _, _ = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, dtype=self.dtype,
-                              name="self_attn")(query + pos, reference_points, memory, spatial_shapes, padding_mask)
+    attn, _, _ = MSDeformAttn(
+      self.d_model, self.n_levels, self.n_heads, self.n_points, dtype=self.dtype, name="self_attn"
+    )(query + pos, reference_points, memory, spatial_shapes, padding_mask)
     x = layers.layer_norm("norm1", self.dtype)(query + nn.Dropout(self.dropout)(attn, deterministic))
     return _ffn(self, x, "linear1", "linear2", "norm2", deterministic)
 
@@ -98,6 +109,7 @@ def _ffn(mod: nn.Module, x: jnp.ndarray, l1: str, l2: str, norm: str, determinis
 
 class MultiheadAttention(nn.Module):
   """torch.nn.MultiheadAttention (packed in-projection), batch first: q = k = tgt + pos, v = tgt."""
+
   d_model: int
   n_heads: int
   dropout: float
@@ -114,49 +126,59 @@ class MultiheadAttention(nn.Module):
     w, bias = w.astype(dt), bias.astype(dt)
     split = lambda x: x.reshape(b, q, m, d)
     qh = split(qk.astype(dt) @ w[:, :c] + bias[:c]) / np.sqrt(d).astype(np.float32)
-    kh = split(qk.astype(dt) @ w[:, c:2 * c] + bias[c:2 * c])
-    vh = split(v.astype(dt) @ w[:, 2 * c:] + bias[2 * c:])
+    kh = split(qk.astype(dt) @ w[:, c : 2 * c] + bias[c : 2 * c])
+    vh = split(v.astype(dt) @ w[:, 2 * c :] + bias[2 * c :])
     probs = jax.nn.softmax(jnp.einsum("bqmd,bkmd->bmqk", qh, kh).astype(jnp.float32), -1).astype(dt)
     probs = nn.Dropout(self.dropout)(probs, deterministic)
     out = jnp.einsum("bmqk,bkmd->bqmd", probs, vh).reshape(b, q, c)
-    return layers.Linear(c, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros,
-                         dtype=self.dtype, name="out_proj")(out)
+    return layers.Linear(
+      c, kernel_init=layers.xavier_uniform, bias_init=nn.initializers.zeros, dtype=self.dtype, name="out_proj"
+    )(out)
 
 
 class DecoderLayer(_LayerShape):
   """Self-attention -> add & norm -> deformable cross-attention -> add & norm -> FFN -> add & norm."""
 
   @nn.compact
-  def __call__(self, tgt: jnp.ndarray, query_pos: jnp.ndarray, reference_points: jnp.ndarray,
-               memory: jnp.ndarray, spatial_shapes: SpatialShapes, padding_mask: jnp.ndarray,
-               deterministic: bool) -> Tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  def __call__(
+    self,
+    tgt: jnp.ndarray,
+    query_pos: jnp.ndarray,
+    reference_points: jnp.ndarray,
+    memory: jnp.ndarray,
+    spatial_shapes: SpatialShapes,
+    padding_mask: jnp.ndarray,
+    deterministic: bool,
+  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """tgt, query_pos: (B, Q, C); reference_points: (B, Q, L, 2|4); memory: (B, N, C).
 
     Returns (B, Q, C), sampling locations (B, Q, M, L, P, 2), attention weights (B, Q, M, L, P).
     """
     sa = MultiheadAttention(self.d_model, self.n_heads, self.dropout, self.dtype, name="self_attn")(
-        tgt + query_pos, tgt, deterministic)
+      tgt + query_pos, tgt, deterministic
+    )
     tgt = layers.layer_norm("norm2", self.dtype)(tgt + nn.Dropout(self.dropout)(sa, deterministic))
-    ca, loc, attw = MSDeformAttn(self.d_model, self.n_levels, self.n_heads, self.n_points, dtype=self.dtype,
-                                 name="cross_attn")(tgt + query_pos, reference_points, memory, spatial_shapes,
-                                                    padding_mask)
+    ca, loc, attw = MSDeformAttn(
+      self.d_model, self.n_levels, self.n_heads, self.n_points, dtype=self.dtype, name="cross_attn"
+    )(tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask)
     tgt = layers.layer_norm("norm1", self.dtype)(tgt + nn.Dropout(self.dropout)(ca, deterministic))
     return _ffn(self, tgt, "linear1", "linear2", "norm3", deterministic), loc, attw
 
 
 class TopKQueries(NamedTuple):
-  indices: jnp.ndarray        # (B, Q) token index of each query
-  boxes_unact: jnp.ndarray    # (B, Q, 4) detached, unsigmoided reference boxes
+  indices: jnp.ndarray  # (B, Q) token index of each query
+  boxes_unact: jnp.ndarray  # (B, Q, 4) detached, unsigmoided reference boxes
 
 
-def select_topk_queries(enc_logits: jnp.ndarray, enc_boxes_unact: jnp.ndarray, num_queries: int,
-                        specific_head: bool) -> TopKQueries:
+def select_topk_queries(
+  enc_logits: jnp.ndarray, enc_boxes_unact: jnp.ndarray, num_queries: int, specific_head: bool
+) -> TopKQueries:
   """Top-k two-stage decoder queries: the num_queries encoder tokens with the best objectness.
 
   enc_logits: (B, N, num_classes); with the class-specific head objectness is the max over classes,
   else the first logit. The selected boxes carry no gradient (as official).
   """
-  objectness = jnp.max(enc_logits, -1) if specific_head else enc_logits[..., 0]   # (B, N)
+  objectness = jnp.max(enc_logits, -1) if specific_head else enc_logits[..., 0]  # (B, N)
   _, idx = jax.lax.top_k(jax.lax.stop_gradient(objectness), num_queries)
   boxes = jax.vmap(lambda x, i: x[i])(enc_boxes_unact, idx)
   return TopKQueries(idx.astype(jnp.int32), jax.lax.stop_gradient(boxes))

@@ -1,6 +1,7 @@
 """Pictures: detections drawn on an image (predict.py, the demo) and Sparse DETR's mechanism (kept
 encoder tokens and decoder attention map per feature level; predict.py --mechanism, TensorBoard)."""
-from typing import Mapping
+
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -10,12 +11,23 @@ from sparse_detr_jax import dam, postprocess
 from sparse_detr_jax.data import transforms
 
 MIN_PICTURE_SIDE = 320  # mechanism pictures of smaller images are enlarged by an integer factor
-PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128))  # one colour per category id mod 10
+PALETTE = (
+  (230, 25, 75),
+  (60, 180, 75),
+  (255, 225, 25),
+  (0, 130, 200),
+  (245, 130, 48),
+  (145, 30, 180),
+  (70, 240, 240),
+  (240, 50, 230),
+  (210, 245, 60),
+  (0, 128, 128),
+)  # one colour per category id mod 10
 
 
-def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray,
-                    names: Mapping[int, str]) -> Image.Image:
+def draw_detections(
+  image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, names: Mapping[int, str]
+) -> Image.Image:
   """image (H, W, 3) uint8; boxes (n, 4) xyxy pixels; labels (n,); scores (n,) -> RGB picture."""
   img = Image.fromarray(image).convert("RGB")
   draw = ImageDraw.Draw(img)
@@ -39,15 +51,18 @@ def token_maps(outputs: dict, index: int) -> tuple[list[np.ndarray], list[np.nda
   unpadded token when rho = 0); DAM: decoder sampling weights splatted on the token grid (dam.attention_map).
   """
   shapes = [tuple(int(v) for v in s) for s in np.asarray(outputs["spatial_shapes"])]
-  attn = np.asarray(dam.attention_map(shapes, outputs["sampling_locations_dec"][index:index + 1],
-                                      outputs["attn_weights_dec"][index:index + 1])[0])
+  attn = np.asarray(
+    dam.attention_map(
+      shapes, outputs["sampling_locations_dec"][index : index + 1], outputs["attn_weights_dec"][index : index + 1]
+    )[0]
+  )
   if "backbone_topk_proposals" in outputs:
     kept = np.zeros(attn.shape[0], bool)
-    kept[np.asarray(outputs["backbone_topk_proposals"][index])[:int(outputs["sparse_token_nums"][index])]] = True
+    kept[np.asarray(outputs["backbone_topk_proposals"][index])[: int(outputs["sparse_token_nums"][index])]] = True
   else:
     kept = ~np.asarray(outputs["mask_flatten"][index])
   starts = np.concatenate([[0], np.cumsum([h * w for h, w in shapes])])
-  grids = lambda x: [x[starts[l]:starts[l + 1]].reshape(h, w) for l, (h, w) in enumerate(shapes)]
+  grids = lambda x: [x[starts[l] : starts[l + 1]].reshape(h, w) for l, (h, w) in enumerate(shapes)]
   return grids(kept), grids(attn)
 
 
@@ -64,8 +79,9 @@ def _overlay(image: Image.Image, grid: np.ndarray, canvas: tuple[int, int], alph
   return Image.blend(image, layer, alpha)
 
 
-def mechanism_picture(image: np.ndarray, canvas_hw: tuple[int, int], kept: list[np.ndarray],
-                      attention: list[np.ndarray]) -> Image.Image:
+def mechanism_picture(
+  image: np.ndarray, canvas_hw: tuple[int, int], kept: list[np.ndarray], attention: list[np.ndarray]
+) -> Image.Image:
   """Sparse DETR's mechanism for one image, as the paper's figures: per feature level (columns), the
   tokens the scoring network kept (top row, yellow) and the decoder attention map (bottom row, heat).
 
@@ -77,11 +93,16 @@ def mechanism_picture(image: np.ndarray, canvas_hw: tuple[int, int], kept: list[
   base = base.resize((base.width * zoom, base.height * zoom), Image.NEAREST)
   canvas = (canvas_hw[1] * zoom, canvas_hw[0] * zoom)
   tiles = []
-  for k, a in zip(kept, attention):
+  for k, a in zip(kept, attention, strict=True):
     on_image = -(-image.shape[0] * k.shape[0] // canvas_hw[0]) * -(-image.shape[1] * k.shape[1] // canvas_hw[1])
     keep_rgb = np.where(k[..., None], np.array([255, 255, 0], np.uint8), np.array([0, 0, 0], np.uint8))
-    tiles.append((_overlay(base, keep_rgb, canvas, 0.55), _overlay(base, _heat(a), canvas, 0.7),
-                  f"level {len(tiles)}: {int(k.sum())}/{on_image} kept"))
+    tiles.append(
+      (
+        _overlay(base, keep_rgb, canvas, 0.55),
+        _overlay(base, _heat(a), canvas, 0.7),
+        f"level {len(tiles)}: {int(k.sum())}/{on_image} kept",
+      )
+    )
   w, h = base.size
   pad = 14
   picture = Image.new("RGB", (len(tiles) * (w + 4), 2 * (h + pad)), "white")
@@ -101,8 +122,9 @@ def model_view(batch: dict[str, np.ndarray], slot: int) -> np.ndarray:
   return transforms.denormalize(batch["image"][slot, :h, :w])
 
 
-def batch_pictures(model, variables: dict, batch: dict[str, np.ndarray], names: Mapping[int, str],
-                   threshold: float = 0.3) -> dict[str, np.ndarray]:
+def batch_pictures(
+  model, variables: dict, batch: dict[str, np.ndarray], names: Mapping[int, str], threshold: float = 0.3
+) -> dict[str, np.ndarray]:
   """{'detections', 'mechanism'}: (H, W, 3) uint8 pictures of a batch's first image (a pipeline batch:
   image, padding_mask, size, orig_size), for TensorBoard. `variables` on one device."""
   out = jax.jit(model.apply)(variables, batch["image"][:1], batch["padding_mask"][:1])

@@ -1,4 +1,5 @@
 """Every published-row config builds its model, with the parameter count the paper reports."""
+
 import pathlib
 import re
 
@@ -9,8 +10,11 @@ from flax import traverse_util
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import model as model_lib
 
-ALL = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
-             if p.stem not in ("common", "__init__"))
+ALL = sorted(
+  p
+  for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+  if p.stem not in ("common", "__init__")
+)
 CONFIGS = [p for p in ALL if p.stem.startswith(("r50_", "swint_"))]  # the paper's rows
 
 
@@ -39,9 +43,9 @@ def test_parameter_count_matches_the_paper(path):
   def counted(path):
     top = path[0]
     if top == "backbone" and re.match(r"(conv1|layer1_|patch_embed|layers_0_)", path[1]):
-      return False   # frozen with ImageNet weights
+      return False  # frozen with ImageNet weights
     m = re.fullmatch(r"(class|bbox)_embed_(\d+)", top)
-    return not (m and first_aux is not None and int(m.group(2)) >= first_aux)   # training-only heads
+    return not (m and first_aux is not None and int(m.group(2)) >= first_aux)  # training-only heads
 
   n = sum(int(np.prod(v.shape)) for k, v in flat.items() if counted(k))
   assert abs(n / 1e6 - published) < 0.05, (n, published)

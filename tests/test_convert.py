@@ -1,4 +1,5 @@
 """Official checkpoint conversion: every manifest key maps, safe loading, re-heading, Orbax round trip."""
+
 import json
 import os
 import pickle
@@ -7,13 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import official
+
 from sparse_detr_jax import convert
 from sparse_detr_jax.swin import relative_position_index
 
-MANIFESTS = ["r50_sparse_detr_rho_0.1", "r50_deformable_detr", "r50_deformable_detr_topk_bbr",
-             "swint_sparse_detr_rho_0.1"]
+MANIFESTS = [
+  "r50_sparse_detr_rho_0.1",
+  "r50_deformable_detr",
+  "r50_deformable_detr_topk_bbr",
+  "swint_sparse_detr_rho_0.1",
+]
 
 
 def _manifest(name):
@@ -26,25 +31,36 @@ def test_full_published_configurations_convert_with_nothing_left_over(name):
   man = _manifest(name)
   state = {k: np.zeros(shape, np.float32) for k, shape in man["state_dict"].items()}
   for k in state:
-    if k.endswith("relative_position_index"):   # a computed buffer: the checkpoint holds the true index
+    if k.endswith("relative_position_index"):  # a computed buffer: the checkpoint holds the true index
       state[k] = relative_position_index(int(round(state[k].shape[0] ** 0.5)))
   cfg = convert.config_from_args(man["args"], state)
   variables = convert.convert_state_dict(state, cfg)  # raises on unknown / missing / mis-shaped keys
   if cfg.backbone == "swin-t":
-    assert (cfg.swin.embed_dim, tuple(cfg.swin.depths), tuple(cfg.swin.num_heads), cfg.swin.window_size) == \
-        (96, (2, 2, 6, 2), (3, 6, 12, 24), 7)
+    assert (cfg.swin.embed_dim, tuple(cfg.swin.depths), tuple(cfg.swin.num_heads), cfg.swin.window_size) == (
+      96,
+      (2, 2, 6, 2),
+      (3, 6, 12, 24),
+      7,
+    )
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
   n_frozen = sum(x.size for x in jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
   unique = {}
-  for k, shape in man["state_dict"].items():   # aliases (shared or re-registered heads) count once
+  for k, shape in man["state_dict"].items():  # aliases (shared or re-registered heads) count once
     if k.endswith("relative_position_index"):
       continue
-    if not k.startswith("transformer.decoder.class_embed") and not k.startswith("transformer.decoder.bbox_embed") \
-        and not k.startswith("transformer.encoder.class_embed") and not k.startswith("transformer.encoder.bbox_embed"):
+    if (
+      not k.startswith("transformer.decoder.class_embed")
+      and not k.startswith("transformer.decoder.bbox_embed")
+      and not k.startswith("transformer.encoder.class_embed")
+      and not k.startswith("transformer.encoder.bbox_embed")
+    ):
       unique[k] = int(np.prod(shape))
   if not cfg.with_box_refine:  # one head shared by every decoder layer
-    unique = {k: v for k, v in unique.items() if not (k.startswith(("class_embed.", "bbox_embed.")) and
-                                                      not k.startswith(("class_embed.0.", "bbox_embed.0.")))}
+    unique = {
+      k: v
+      for k, v in unique.items()
+      if not (k.startswith(("class_embed.", "bbox_embed.")) and not k.startswith(("class_embed.0.", "bbox_embed.0.")))
+    }
   assert n_params + n_frozen == sum(unique.values())
 
 
@@ -68,6 +84,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
   class Evil:
     def __reduce__(self):
       return (os.system, (f"touch {tmp_path}/pwned",))
+
   path = tmp_path / "evil.pth"
   with open(path, "wb") as f:
     pickle.dump({"model": {}, "args": Evil()}, f)
@@ -88,8 +105,10 @@ def test_reinitialised_class_heads_for_another_dataset():
   assert cfg.num_classes == 5
   assert v["params"]["class_embed_0"]["kernel"].shape == (256, 5)
   np.testing.assert_allclose(np.asarray(v["params"]["class_embed_0"]["bias"]), -np.log(99.0), rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(v["params"]["bbox_embed_0"]["layers_0"]["kernel"]),
-                                np.asarray(full["params"]["bbox_embed_0"]["layers_0"]["kernel"]))
+  np.testing.assert_array_equal(
+    np.asarray(v["params"]["bbox_embed_0"]["layers_0"]["kernel"]),
+    np.asarray(full["params"]["bbox_embed_0"]["layers_0"]["kernel"]),
+  )
   out = jax.jit(model.apply)(v, jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32), bool))
   assert out["pred_logits"].shape == (1, cfg.num_queries, 5)
 
@@ -107,8 +126,12 @@ def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path, name):
 def test_swin_width_and_depth_are_read_off_the_checkpoint():
   state, args = convert.read_checkpoint(str(official("swin_sparse.pth")))
   cfg = convert.config_from_args(args, state)
-  assert (cfg.swin.embed_dim, tuple(cfg.swin.depths), tuple(cfg.swin.num_heads), cfg.swin.window_size) == \
-      (48, (2, 2, 2, 2), (3, 6, 12, 24), 7)
+  assert (cfg.swin.embed_dim, tuple(cfg.swin.depths), tuple(cfg.swin.num_heads), cfg.swin.window_size) == (
+    48,
+    (2, 2, 2, 2),
+    (3, 6, 12, 24),
+    7,
+  )
   bad = dict(state)
   key = "backbone.0.body.layers.0.blocks.0.attn.relative_position_index"
   bad[key] = bad[key][::-1].copy()

@@ -1,4 +1,5 @@
 """Input pipeline: generated dataset, sources, official transforms, buckets, loaders and bad input."""
+
 import hashlib
 import io
 import json
@@ -11,15 +12,26 @@ from PIL import Image
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax.data import batching, pipeline, shapes, sources, transforms
 
-SMALL = dict(scales=[96, 128, 160], max_size=256, crop_resize=[96, 128], crop_size=(64, 96), val_size=128,
-             buckets=[(128, 192), (192, 128), (160, 256), (256, 160), (176, 176)], max_boxes=6)
+SMALL = dict(
+  scales=[96, 128, 160],
+  max_size=256,
+  crop_resize=[96, 128],
+  crop_size=(64, 96),
+  val_size=128,
+  buckets=[(128, 192), (192, 128), (160, 256), (256, 160), (176, 176)],
+  max_boxes=6,
+)
 
 
 def data_cfg(root, **kw):
   return config_lib.data_config(
-      coco_dir=str(root), train_images="train", val_images="val",
-      train_annotations="annotations/instances_train.json", val_annotations="annotations/instances_val.json",
-      **{**SMALL, **kw})
+    coco_dir=str(root),
+    train_images="train",
+    val_images="val",
+    train_annotations="annotations/instances_train.json",
+    val_annotations="annotations/instances_val.json",
+    **{**SMALL, **kw},
+  )
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +118,7 @@ def test_hosts_split_each_global_batch(shapes_dir):
   d = data_cfg(shapes_dir)
   src = sources.build_source(d, "train")
   whole = pipeline.train_dataset(src, d, 4, seed=0, num_batches=3)
-  parts = [pipeline.train_dataset(src, d, 4, seed=0, num_batches=3, process_index=p, process_count=2)
-           for p in range(2)]
+  parts = [pipeline.train_dataset(src, d, 4, seed=0, num_batches=3, process_index=p, process_count=2) for p in range(2)]
   for k in range(3):
     for key in whole[k]:
       np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]), whole[k][key])
@@ -142,10 +153,12 @@ def test_eval_covers_every_image_once(shapes_dir):
 
 def test_tfds_source_feeds_identical_batches(shapes_dir, tmp_path):
   from sparse_detr_jax.data import tfds_export
+
   tfds_export.main([str(shapes_dir), str(tmp_path / "tfds")])
   d = data_cfg(shapes_dir)
-  t = data_cfg(shapes_dir, source="tfds", tfds_name="coco_format", tfds_data_dir=str(tmp_path / "tfds"),
-               tfds_val_split="val")
+  t = data_cfg(
+    shapes_dir, source="tfds", tfds_name="coco_format", tfds_data_dir=str(tmp_path / "tfds"), tfds_val_split="val"
+  )
   for split in ("train", "val"):
     a, b = sources.build_source(d, split), sources.build_source(t, split)
     np.testing.assert_array_equal(a.image_ids, b.image_ids)
@@ -162,8 +175,13 @@ def test_tfds_source_feeds_identical_batches(shapes_dir, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
-def write_coco(root: pathlib.Path, images: dict[str, Image.Image | bytes | None], anns: dict[str, list],
-               sizes: dict[str, tuple[int, int]] | None = None) -> pathlib.Path:
+
+def write_coco(
+  root: pathlib.Path,
+  images: dict[str, Image.Image | bytes | None],
+  anns: dict[str, list],
+  sizes: dict[str, tuple[int, int]] | None = None,
+) -> pathlib.Path:
   (root / "train").mkdir(parents=True)
   (root / "annotations").mkdir()
   js = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
@@ -175,8 +193,16 @@ def write_coco(root: pathlib.Path, images: dict[str, Image.Image | bytes | None]
     w, h = (sizes or {}).get(name, (64, 48))
     js["images"].append({"id": k + 1, "file_name": name, "width": w, "height": h})
     for box in anns.get(name, []):
-      js["annotations"].append({"id": len(js["annotations"]) + 1, "image_id": k + 1, "category_id": 1,
-                                "bbox": box[:4], "iscrowd": box[4] if len(box) > 4 else 0, "area": 1})
+      js["annotations"].append(
+        {
+          "id": len(js["annotations"]) + 1,
+          "image_id": k + 1,
+          "category_id": 1,
+          "bbox": box[:4],
+          "iscrowd": box[4] if len(box) > 4 else 0,
+          "area": 1,
+        }
+      )
   (root / "annotations" / "instances_train.json").write_text(json.dumps(js))
   return root
 
@@ -192,12 +218,19 @@ def exif_rotated(w: int, h: int) -> Image.Image:
 def test_image_modes_decode_to_rgb(tmp_path):
   rgb = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
   good = Image.fromarray(rgb)
-  images = {"gray.png": good.convert("L"), "rgba.png": good.convert("RGBA"), "cmyk.jpg": good.convert("CMYK"),
-            "p.png": good.convert("P"),
-            "deep.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),  # 16-bit grayscale
-            "rotated_raw.jpg": exif_rotated(64, 48), "rotated_used.jpg": exif_rotated(48, 64)}
-  src = sources.CocoSource(write_coco(tmp_path, images, {}, {"rotated_used.jpg": (64, 48)}) / "train",
-                           tmp_path / "annotations" / "instances_train.json")
+  images = {
+    "gray.png": good.convert("L"),
+    "rgba.png": good.convert("RGBA"),
+    "cmyk.jpg": good.convert("CMYK"),
+    "p.png": good.convert("P"),
+    "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),  # 16-bit grayscale
+    "rotated_raw.jpg": exif_rotated(64, 48),
+    "rotated_used.jpg": exif_rotated(48, 64),
+  }
+  src = sources.CocoSource(
+    write_coco(tmp_path, images, {}, {"rotated_used.jpg": (64, 48)}) / "train",
+    tmp_path / "annotations" / "instances_train.json",
+  )
   by_name = {im["file_name"]: i for i, im in enumerate(src._images)}
   for name in images:
     x = src.image(by_name[name])
@@ -210,11 +243,27 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, caplog):
   ok = Image.fromarray(np.full((48, 64, 3), 90, np.uint8))
   buf = io.BytesIO()
   ok.save(buf, format="JPEG")
-  images = {"ok.jpg": ok, "corrupt.jpg": b"not an image at all", "truncated.jpg": buf.getvalue()[:200],
-            "wrong_size.jpg": ok, "empty.jpg": ok, "missing.jpg": None, "boxes.jpg": ok}
-  anns = {"ok.jpg": [[5, 5, 20, 20]], "corrupt.jpg": [[1, 1, 5, 5]],
-          "boxes.jpg": [[10, 10, 0, 20], [50, 40, 40, 40], [-10, -10, 5, 5], [70, 5, 10, 10], [1, 1, 10, 10, 1],
-                        [2, 2, 10, 10]]}
+  images = {
+    "ok.jpg": ok,
+    "corrupt.jpg": b"not an image at all",
+    "truncated.jpg": buf.getvalue()[:200],
+    "wrong_size.jpg": ok,
+    "empty.jpg": ok,
+    "missing.jpg": None,
+    "boxes.jpg": ok,
+  }
+  anns = {
+    "ok.jpg": [[5, 5, 20, 20]],
+    "corrupt.jpg": [[1, 1, 5, 5]],
+    "boxes.jpg": [
+      [10, 10, 0, 20],
+      [50, 40, 40, 40],
+      [-10, -10, 5, 5],
+      [70, 5, 10, 10],
+      [1, 1, 10, 10, 1],
+      [2, 2, 10, 10],
+    ],
+  }
   root = write_coco(tmp_path, images, anns, {"wrong_size.jpg": (80, 48)})
   src = sources.CocoSource(root / "train", root / "annotations" / "instances_train.json")
   assert src.skipped == {"image file missing": 1} and len(src) == 6
@@ -226,8 +275,12 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, caplog):
   for bad in ("corrupt.jpg", "truncated.jpg", "wrong_size.jpg"):
     with pytest.raises(sources.SampleError, match=bad):
       src.image(by_name[bad])
-  d = config_lib.data_config(**{**SMALL, "buckets": [(128, 192), (192, 128), (256, 256)]},
-                             coco_dir=str(root), train_images="train", train_annotations="annotations/instances_train.json")
+  d = config_lib.data_config(
+    **{**SMALL, "buckets": [(128, 192), (192, 128), (256, 256)]},
+    coco_dir=str(root),
+    train_images="train",
+    train_annotations="annotations/instances_train.json",
+  )
   ds = pipeline.eval_dataset(src, d, global_batch=6)
   batches = [ds[k] for k in range(len(ds))]
   skipped = sum(int(b["skipped"].sum()) for b in batches)
@@ -246,8 +299,9 @@ def test_annotation_file_errors(tmp_path):
   (tmp_path / "partial.json").write_text(json.dumps({"images": []}))
   with pytest.raises(ValueError, match="'annotations'"):
     sources.CocoSource(tmp_path, tmp_path / "partial.json")
-  (tmp_path / "noid.json").write_text(json.dumps({"images": [{"file_name": "a.jpg"}], "annotations": [],
-                                                  "categories": []}))
+  (tmp_path / "noid.json").write_text(
+    json.dumps({"images": [{"file_name": "a.jpg"}], "annotations": [], "categories": []})
+  )
   with pytest.raises(ValueError, match=r"images\[0\] lacks \['id', 'width', 'height'\]"):
     sources.CocoSource(tmp_path, tmp_path / "noid.json")
 

@@ -1,4 +1,5 @@
 """Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample."""
+
 import itertools
 
 import jax
@@ -65,7 +66,7 @@ def test_matches_torch_grid_sample():
   starts = np.cumsum([0] + [h * w for h, w in SHAPES])
   expected = 0
   for li, (h, w) in enumerate(SHAPES):
-    v = torch.from_numpy(value[:, starts[li]:starts[li + 1]]).permute(0, 2, 3, 1).reshape(b * m, d, h, w)
+    v = torch.from_numpy(value[:, starts[li] : starts[li + 1]]).permute(0, 2, 3, 1).reshape(b * m, d, h, w)
     g = torch.from_numpy(2 * locs[:, :, :, li] - 1).permute(0, 2, 1, 3, 4).reshape(b * m, q, p, 2)
     s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, D, Q, P)
     wl = torch.from_numpy(weights[:, :, :, li]).permute(0, 2, 1, 3).reshape(b * m, 1, q, p)
@@ -133,8 +134,9 @@ def test_query_blocks_change_nothing():
   value, locs, weights = _inputs(seed=3, q=10)
   one = lambda v, l, w: deformable_sample(v, SHAPES, l, w, query_chunk=10)
   blocks = lambda v, l, w: deformable_sample(v, SHAPES, l, w, query_chunk=4)
-  np.testing.assert_allclose(np.asarray(blocks(value, locs, weights)), np.asarray(one(value, locs, weights)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(blocks(value, locs, weights)), np.asarray(one(value, locs, weights)), rtol=1e-6, atol=1e-6
+  )
   grad = lambda f: jax.grad(lambda v, l, w: jnp.sum(f(v, l, w) ** 2), argnums=(0, 1, 2))(value, locs, weights)
-  for a, b in zip(grad(blocks), grad(one)):
+  for a, b in zip(grad(blocks), grad(one), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

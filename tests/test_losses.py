@@ -1,4 +1,5 @@
 """The training objective against the official criterion: every loss term, the total, and gradients."""
+
 import functools
 
 import jax
@@ -6,8 +7,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-
 from conftest import load_npz, official
+
 from sparse_detr_jax import convert, losses
 
 FIXTURES = ["tiny_sparse", "tiny_deformable", "r50_sparse", "swin_sparse"]
@@ -25,7 +26,7 @@ def fixture_targets(d, max_boxes=MAX_BOXES):
   return {"labels": jnp.asarray(labels), "boxes": jnp.asarray(boxes), "valid": jnp.asarray(valid)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _official_losses_and_grads(name, solver):
   model, variables, mc = convert.load_official(str(official(name + ".pth")))
   d = load_npz(name)
@@ -37,7 +38,7 @@ def _official_losses_and_grads(name, solver):
     loss_dict = losses.compute(out, targets, cfg)
     return losses.total(loss_dict, cfg), loss_dict
 
-  if solver == "scipy":   # gradients once per fixture; the 'jax' solver variant checks the losses only
+  if solver == "scipy":  # gradients once per fixture; the 'jax' solver variant checks the losses only
     (tot, loss_dict), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     grads = jax.tree_util.tree_map(np.asarray, grads)
   else:
@@ -49,13 +50,13 @@ def _official_losses_and_grads(name, solver):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_every_loss_term_matches_official(name, solver):
   tot, loss_dict, _, d, cfg = _official_losses_and_grads(name, solver)
-  official_keys = {k[len("loss/"):] for k in d if k.startswith("loss/")}
+  official_keys = {k[len("loss/") :] for k in d if k.startswith("loss/")}
   assert set(loss_dict) == official_keys
   for key in sorted(official_keys):
     want = float(d["loss/" + key])
     assert abs(loss_dict[key] - want) <= max(1e-4 * abs(want), 1e-6), (key, loss_dict[key], want)
   assert abs(tot - float(d["total_loss"])) <= 1e-5 * abs(float(d["total_loss"]))
-  official_weights = {k[len("weight/"):]: float(d[k]) for k in d if k.startswith("weight/")}
+  official_weights = {k[len("weight/") :]: float(d[k]) for k in d if k.startswith("weight/")}
   assert losses.weight_dict(cfg) == official_weights
 
 
@@ -76,18 +77,19 @@ def test_gradients_match_official(name):
   norms = [k for k in d if k.startswith("gradnorm/")]
   assert norms
   for k in norms:
-    key = k[len("gradnorm/"):]
+    key = k[len("gradnorm/") :]
     got, want = float(np.linalg.norm(ours(key)[0])), float(d[k])
     assert abs(got - want) <= 1e-3 * want, (key, got, want)
   for k in [k for k in d if k.startswith("grad/")]:
-    key = k[len("grad/"):]
+    key = k[len("grad/") :]
     got, transform = ours(key)
     want = transform(d[k])
     assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want)), key
 
 
 def test_scoring_network_learns_only_from_mask_prediction_loss():
-  """The DAM target and the kept indices carry no gradient: the scoring net's gradient is that of loss_mask_prediction."""
+  """The DAM target and the kept indices carry no gradient: the scoring net's gradient is that of
+  loss_mask_prediction."""
   model, variables, mc = convert.load_official(str(official("tiny_sparse.pth")))
   d = load_npz("tiny_sparse")
   cfg = ml_collections.ConfigDict({"model": mc, "loss": losses.loss_config()})
@@ -97,6 +99,7 @@ def test_scoring_network_learns_only_from_mask_prediction_loss():
     def f(params):
       ld = losses.compute(model.apply({**variables, "params": params}, images, mask), targets, cfg)
       return select(ld, cfg)
+
     return jax.jit(jax.grad(f))(variables["params"])["mask_predictor"]
 
   full = grad_of(losses.total)

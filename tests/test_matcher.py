@@ -1,4 +1,5 @@
 """Both Hungarian solvers give optimal assignments: equal total cost to scipy, ties, masks, jit and vmap."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +36,10 @@ def test_random_costs_with_masks(solver):
   rng = np.random.default_rng(0)
   cost = rng.normal(size=(6, 30, 12)).astype(np.float32) * 3
   row_valid = np.ones((6, 30), bool)
-  row_valid[1, 20:] = False                      # masked prediction slots (encoder aux quirk)
+  row_valid[1, 20:] = False  # masked prediction slots (encoder aux quirk)
   col_valid = rng.uniform(size=(6, 12)) < 0.6
-  col_valid[2] = False                           # an image with no targets
-  col_valid[3] = True                            # every target slot used (max_boxes targets)
+  col_valid[2] = False  # an image with no targets
+  col_valid[3] = True  # every target slot used (max_boxes targets)
   _check(cost, row_valid, col_valid, solver)
 
 
@@ -52,7 +53,9 @@ def test_ties_and_greedy_traps(solver):
   _check(trap, np.ones((1, 2), bool), np.ones((1, 2), bool), solver)
   # Square and as many targets as predictions, integer costs with many ties.
   rng = np.random.default_rng(1)
-  _check(rng.integers(0, 3, size=(4, 10, 10)).astype(np.float32), np.ones((4, 10), bool), np.ones((4, 10), bool), solver)
+  _check(
+    rng.integers(0, 3, size=(4, 10, 10)).astype(np.float32), np.ones((4, 10), bool), np.ones((4, 10), bool), solver
+  )
 
 
 def test_jax_solver_under_vmap():
@@ -63,8 +66,11 @@ def test_jax_solver_under_vmap():
   ref = jax.vmap(lambda c, r, v: matcher.assign(c, r, v, "scipy"))(cost, rv, cv)
   for i in range(3):
     for b in range(2):
-      np.testing.assert_allclose(_total(np.asarray(cost[i, b]), np.asarray(out[i, b])),
-                                 _total(np.asarray(cost[i, b]), np.asarray(ref[i, b])), rtol=1e-5)
+      np.testing.assert_allclose(
+        _total(np.asarray(cost[i, b]), np.asarray(out[i, b])),
+        _total(np.asarray(cost[i, b]), np.asarray(ref[i, b])),
+        rtol=1e-5,
+      )
 
 
 def test_unknown_solver_is_a_clear_error():

@@ -1,22 +1,24 @@
 """SparseDETR forward: parity with the official PyTorch outputs, initialisation, train mode, dtypes."""
+
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import load_npz, official
-from sparse_detr_jax import config, convert, model as model_lib
+
+from sparse_detr_jax import config, convert
+from sparse_detr_jax import model as model_lib
 
 ATOL = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run_official(name):
   model, variables, cfg = convert.load_official(str(official(name + ".pth")))
   d = load_npz(name)
-  images = jnp.asarray(d["images"].transpose(0, 2, 3, 1))   # NCHW -> NHWC
+  images = jnp.asarray(d["images"].transpose(0, 2, 3, 1))  # NCHW -> NHWC
   out = jax.jit(model.apply)(variables, images, jnp.asarray(d["mask"]))
   return jax.tree_util.tree_map(np.asarray, out), d, cfg
 
@@ -68,8 +70,9 @@ def test_sparse_selection_matches_official(name):
     # Encoder aux outputs over the official K slots, compared slot by slot after ordering by token index.
     ours = np.argsort(out["backbone_topk_proposals"][b, :k_official])
     theirs = np.argsort(d["backbone_topk_proposals"][b])
-    np.testing.assert_array_equal(out["backbone_topk_proposals"][b, :k_official][ours],
-                                  d["backbone_topk_proposals"][b][theirs])
+    np.testing.assert_array_equal(
+      out["backbone_topk_proposals"][b, :k_official][ours], d["backbone_topk_proposals"][b][theirs]
+    )
     for i, aux in enumerate(out["aux_outputs_enc"]):
       _close(aux["pred_logits"][b, :k_official][ours], d["enc_aux_logits"][i, b][theirs], f"enc_aux_logits[{i}]")
       _close(aux["pred_boxes"][b, :k_official][ours], d["enc_aux_boxes"][i, b][theirs], f"enc_aux_boxes[{i}]")
@@ -95,8 +98,8 @@ def test_official_initialisation():
   x, mask = _inputs()
   p = jax.jit(m.init)(jax.random.PRNGKey(0), x, mask)["params"]
   off = np.asarray(p["encoder_layers_0"]["self_attn"]["sampling_offsets"]["bias"]).reshape(8, 4, 4, 2)
-  np.testing.assert_allclose(off[0, 0, :, 0], [1, 2, 3, 4])   # head 0 points along +x, p + 1 apart
-  np.testing.assert_allclose(off[2, 0, :, 1], [1, 2, 3, 4])   # head 2 along +y
+  np.testing.assert_allclose(off[0, 0, :, 0], [1, 2, 3, 4])  # head 0 points along +x, p + 1 apart
+  np.testing.assert_allclose(off[2, 0, :, 1], [1, 2, 3, 4])  # head 2 along +y
   assert np.all(np.asarray(p["encoder_layers_0"]["self_attn"]["sampling_offsets"]["kernel"]) == 0)
   assert np.all(np.asarray(p["encoder_layers_0"]["self_attn"]["attention_weights"]["kernel"]) == 0)
   np.testing.assert_allclose(np.asarray(p["class_embed_0"]["bias"]), -np.log(99.0), rtol=1e-6)
@@ -145,8 +148,9 @@ def test_bfloat16_compute_keeps_float32_params_and_stays_close():
   for leaf in jax.tree_util.tree_leaves(o16):
     assert np.all(np.isfinite(np.asarray(leaf, np.float32)) | np.isinf(np.asarray(leaf, np.float32)))
   # The scoring logits come before any selection (kept tokens and queries may flip on near-ties at init).
-  np.testing.assert_allclose(np.asarray(o16["backbone_mask_prediction"]),
-                             np.asarray(o32["backbone_mask_prediction"]), atol=0.05)
+  np.testing.assert_allclose(
+    np.asarray(o16["backbone_mask_prediction"]), np.asarray(o32["backbone_mask_prediction"]), atol=0.05
+  )
 
 
 def test_invalid_config_is_a_clear_error():

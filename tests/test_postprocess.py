@@ -1,10 +1,11 @@
 """Post-processing against the official PostProcess outputs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import load_npz
+
 from sparse_detr_jax.postprocess import postprocess
 
 

@@ -1,5 +1,6 @@
 """predict.py and visualize.py: detections JSON and pictures for image files (upright by EXIF, bad files
 reported), Sparse DETR's mechanism picture, TensorBoard pictures during training."""
+
 import copy
 import json
 import pathlib
@@ -8,10 +9,12 @@ import struct
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
-from sparse_detr_jax import config as config_lib, model as model_lib, predict, trainer, visualize
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import model as model_lib
+from sparse_detr_jax import predict, trainer, visualize
 from sparse_detr_jax.data import pipeline, shapes, sources
 
 
@@ -37,7 +40,7 @@ def test_predict_writes_detections_and_pictures(setup, tmp_path):
   img.save(upright, exif=exif.tobytes())
   broken = tmp_path / "broken.jpg"  # a valid header, then half of the scan data
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3)).astype(np.uint8)).save(broken)
-  broken.write_bytes(broken.read_bytes()[:broken.stat().st_size // 2])
+  broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
   paths = [str(p) for p in val] + [str(upright), str(broken)]
   results, mech = predict.predict(model, variables, paths, cfg.data, 2, threshold=0.0, mechanism=True)
   predict.write(results, predict.category_names(cfg.data), str(tmp_path / "out"), mech)
@@ -53,8 +56,9 @@ def test_predict_writes_detections_and_pictures(setup, tmp_path):
       x, y, w, h = d["bbox"]
       assert d["category"] == names.get(d["category_id"], f"class {d['category_id']}")
       assert -1e-3 <= x <= x + w <= r["width"] + 1e-3 and -1e-3 <= y <= y + h <= r["height"] + 1e-3
-    assert Image.open(r["picture"]).size == (r["width"], r["height"])
-    assert min(Image.open(r["mechanism_picture"]).size) >= visualize.MIN_PICTURE_SIDE // 2  # enlarged for reading
+    with Image.open(r["picture"]) as picture, Image.open(r["mechanism_picture"]) as mechanism:
+      assert picture.size == (r["width"], r["height"])
+      assert min(mechanism.size) >= visualize.MIN_PICTURE_SIDE // 2  # enlarged for reading
   assert "picture" not in saved[3]
   with pytest.raises(FileNotFoundError, match="missing.jpg"):
     sources.ImageFiles([str(tmp_path / "missing.jpg")])
@@ -74,22 +78,23 @@ def test_token_maps_follow_the_selection(setup):
     assert view.shape == (h, w, 3) and view.dtype == np.uint8
     picture = np.asarray(visualize.mechanism_picture(view, (64, 64), kept, attention))
     zoom = visualize.MIN_PICTURE_SIDE // max(h, w)
-    top_left = picture[14:14 + h * zoom, :w * zoom]  # level 0, kept tokens highlighted in yellow
+    top_left = picture[14 : 14 + h * zoom, : w * zoom]  # level 0, kept tokens highlighted in yellow
     yellowish = (top_left[..., 0] > 150) & (top_left[..., 1] > 150) & (top_left[..., 2] < 120)
-    cells = kept[0].repeat(8 * zoom, 0).repeat(8 * zoom, 1)[:h * zoom, :w * zoom]
+    cells = kept[0].repeat(8 * zoom, 0).repeat(8 * zoom, 1)[: h * zoom, : w * zoom]
     assert yellowish[cells].mean() > 0.9 and yellowish[~cells].mean() < 0.05
 
 
 def event_images(logdir: pathlib.Path) -> set[str]:
   """Tags of the image summaries in a TensorBoard event directory (TFRecord framing, Event protos)."""
   from tensorboardX.proto import event_pb2
+
   tags = set()
   for path in logdir.glob("events.out.tfevents.*"):
     data = path.read_bytes()
     pos = 0
     while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
       pos += 12 + length + 4
       tags |= {v.tag for v in event.summary.value if v.HasField("image")}
   return tags

@@ -1,4 +1,5 @@
 """Swin backbone pieces: window partition round trip, shifted-window mask, relative index, drop-path."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +18,14 @@ def test_window_partition_round_trip():
 def test_shifted_window_mask_separates_regions():
   m = swin.shifted_window_mask(14, 14, 7, 3)
   assert m.shape == (4, 49, 49)
-  assert np.all(m[0] == 0)                   # the top-left window holds one region only
-  last = m[3]                                # the bottom-right window holds 4 regions
+  assert np.all(m[0] == 0)  # the top-left window holds one region only
+  last = m[3]  # the bottom-right window holds 4 regions
   assert last[0, 0] == 0 and last[0, 6] == swin.SHIFT_MASK_VALUE and np.all(np.diag(last) == 0)
 
 
 def test_relative_position_index_is_symmetric_in_offsets():
   idx = swin.relative_position_index(3)
-  assert idx.shape == (9, 9) and idx.max() == 24 and np.all(np.diag(idx) == 12)   # zero offset at the centre
+  assert idx.shape == (9, 9) and idx.max() == 24 and np.all(np.diag(idx) == 12)  # zero offset at the centre
 
 
 def test_backbone_shapes_and_drop_path_only_in_training():

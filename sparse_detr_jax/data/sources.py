@@ -57,7 +57,10 @@ def decode_image(data: Union[bytes, str, os.PathLike], expected_wh: tuple[int, i
   an undecodable file, raises SampleError naming `what`.
   """
   try:
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    if not isinstance(data, bytes):
+      with open(data, "rb") as f:  # read whole: a file PIL fails to decode is still closed
+        data = f.read()
+    img = Image.open(io.BytesIO(data))
     img.load()
     if upright:
       img = ImageOps.exif_transpose(img)
