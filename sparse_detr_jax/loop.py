@@ -150,5 +150,6 @@ class PreemptionWatcher:
 
 def enable_compilation_cache(path: str | None) -> None:
   """Persist compiled programs under `path` ('' or None: off), so a rerun or resume loads them."""
+  jax.config.update("jax_enable_compilation_cache", bool(path))
   if path:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))

@@ -3,6 +3,7 @@ the device-side non-finite guard, steady steps without device reads, SIGKILL and
 multi-host preemption sync point, two hosts == one host, the workdir's config, host callbacks in the
 step, COCO evaluation against pycocotools run directly."""
 
+import contextlib
 import json
 import logging
 import os
@@ -247,14 +248,30 @@ def test_sigterm_saves_exits_zero_and_resumes_bit_identically(data_dir, tmp_path
   the rerun of the same command ends with the parameters of an uninterrupted run, bit for bit."""
   workdir = tmp_path / "preempted"
   cmd = train_cmd(data_dir, workdir, checkpoint_every=1000)
-  proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  wait_for_logged_steps(workdir, 2, [proc])
-  proc.send_signal(signal.SIGTERM)
-  step = preempted_step(proc, time.time())
+  with processes(
+    [subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+  ) as (proc,):
+    wait_for_logged_steps(workdir, 2, [proc])
+    proc.send_signal(signal.SIGTERM)
+    step = preempted_step(proc, time.time())
   assert 2 <= step < STEPS and checkpoint_steps(workdir) == [step]
   subprocess.run(cmd, env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=900)
   for a, b in zip(final_params(straight_run), final_params(workdir), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+@contextlib.contextmanager
+def processes(procs: list[subprocess.Popen]):
+  """The processes; on leaving (a failed assertion too), any still running is killed and its pipe closed."""
+  try:
+    yield procs
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+      if p.stderr:
+        p.stderr.close()
 
 
 def test_two_hosts_preempted_and_resumed_train_like_one_host(data_dir, tmp_path):
@@ -262,16 +279,18 @@ def test_two_hosts_preempted_and_resumed_train_like_one_host(data_dir, tmp_path)
   JAX's preemption sync point stops both at the same step, both save it and exit 0. Rerun: the result equals
   1 process x 4 devices run straight through."""
   args = ["--config.train.batch_size=1", "--config.data.buckets=((64, 64),)"]  # one canvas: one compilation
-  two = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  # No persistent compilation cache: only process 0 writes it, so process 1 would compile while process 0
+  # loads, and gloo gives a process 30 s to join a collective.
+  two = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  two["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   workdir = tmp_path / "two_hosts"
 
   def start() -> list[subprocess.Popen]:
     address = f"localhost:{free_port()}"
+    cmd = train_cmd(data_dir, workdir, checkpoint_every=1000) + args + ["--compilation_cache_dir="]
     return [
       subprocess.Popen(
-        train_cmd(data_dir, workdir, checkpoint_every=1000)
-        + args
-        + ["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
+        cmd + ["--coordinator_address", address, "--num_processes", "2", "--process_id", str(i)],
         env=two,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -281,15 +300,16 @@ def test_two_hosts_preempted_and_resumed_train_like_one_host(data_dir, tmp_path)
       for i in range(2)
     ]
 
-  procs = start()
-  wait_for_logged_steps(workdir, 2, procs)
-  procs[1].send_signal(signal.SIGTERM)
-  signalled_at = time.time()
-  stopped = [preempted_step(p, signalled_at) for p in procs]
+  with processes(start()) as procs:
+    wait_for_logged_steps(workdir, 2, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    signalled_at = time.time()
+    stopped = [preempted_step(p, signalled_at) for p in procs]
   assert stopped[0] == stopped[1] < STEPS and checkpoint_steps(workdir) == [stopped[0]], stopped
-  for p in start():
-    _, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-3000:]
+  with processes(start()) as procs:
+    for p in procs:
+      _, err = p.communicate(timeout=900)
+      assert p.returncode == 0, err[-3000:]
   subprocess.run(
     train_cmd(data_dir, tmp_path / "one_host") + args,
     cwd=ROOT,
