@@ -32,7 +32,7 @@ def run_case(args: argparse.Namespace, workers: int) -> dict:
   import jax
 
   from sparse_detr_jax import config as config_lib
-  from sparse_detr_jax import loop, optim, trainer
+  from sparse_detr_jax import loop, trainer
   from sparse_detr_jax import model as model_lib
   from sparse_detr_jax.data import pipeline, sources
 
@@ -52,12 +52,8 @@ def run_case(args: argparse.Namespace, workers: int) -> dict:
   mesh = trainer.data_mesh()
   model = model_lib.build_model(cfg.model)
   variables = trainer.initial_variables(cfg, model, jax.random.PRNGKey(0))
-  params = variables.pop("params")
-  tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, sch.global_batch, sch.steps_per_epoch)
-  state = jax.device_put(
-    trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(1), variables),
-    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-  )
+  state, tx, schedules = trainer.new_state(cfg, variables, sch.global_batch, sch.steps_per_epoch, jax.random.PRNGKey(1))
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   ds = pipeline.train_dataset(source, cfg.data, sch.global_batch, cfg.train.seed, args.steps)
   batches = [loop.global_batch(mesh, {k: ds[i][k] for k in trainer.BATCH_KEYS}) for i in range(args.steps)]
   step = loop.StepExecutables(trainer.make_train_step(model, cfg, tx, mesh, schedules))

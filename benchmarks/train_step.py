@@ -30,7 +30,7 @@ def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: 
   import numpy as np
 
   from sparse_detr_jax import config as config_lib
-  from sparse_detr_jax import loop, optim, trainer
+  from sparse_detr_jax import loop, trainer
   from sparse_detr_jax import model as model_lib
 
   (h, w) = hw
@@ -40,9 +40,7 @@ def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: 
   mesh = trainer.data_mesh()
   model = model_lib.build_model(cfg.model)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-  params = variables.pop("params")
-  tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, n, 1000)
-  state = trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(1), variables)
+  state, tx, schedules = trainer.new_state(cfg, variables, n, 1000, jax.random.PRNGKey(1))
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   rng = np.random.default_rng(0)
   m = cfg.data.max_boxes

@@ -35,3 +35,15 @@ def row(
 def sparse_detr(backbone: str, rho: float) -> ml_collections.ConfigDict:
   """Sparse DETR: `--with_box_refine --two_stage --eff_query_init --eff_specific_head --use_enc_aux_loss --rho R`."""
   return row(backbone, rho=rho, topk_bbr=True, enc_aux_loss=True)
+
+
+def shapes_data(c: ml_collections.ConfigDict, **overrides) -> None:
+  """Point `c.data` at the generated shapes dataset (python -m sparse_detr_jax.data.shapes data/shapes)."""
+  c.data.update(
+    coco_dir="data/shapes",
+    train_images="train",
+    val_images="val",
+    train_annotations="annotations/instances_train.json",
+    val_annotations="annotations/instances_val.json",
+    **overrides,
+  )

@@ -28,12 +28,8 @@ def get_config():
     enc_n_points=4,
     dec_n_points=4,
   )
-  c.data.update(
-    coco_dir="data/shapes",
-    train_images="train",
-    val_images="val",
-    train_annotations="annotations/instances_train.json",
-    val_annotations="annotations/instances_val.json",
+  common.shapes_data(
+    c,
     scales=(64, 72, 80, 88, 96),
     max_size=128,
     crop_resize=(64, 80),

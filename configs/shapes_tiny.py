@@ -13,12 +13,8 @@ def get_config():
   c.model.update(
     num_classes=7, num_feature_levels=2, enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=10, dropout=0.0
   )
-  c.data.update(
-    coco_dir="data/shapes",
-    train_images="train",
-    val_images="val",
-    train_annotations="annotations/instances_train.json",
-    val_annotations="annotations/instances_val.json",
+  common.shapes_data(
+    c,
     scales=(32, 40),
     max_size=64,
     crop_resize=(32,),

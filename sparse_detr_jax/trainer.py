@@ -71,6 +71,17 @@ def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> 
   return variables
 
 
+def new_state(
+  cfg: ml_collections.ConfigDict, variables: dict, global_batch: int, steps_per_epoch: int, rng: jax.Array
+) -> tuple[TrainState, optax.GradientTransformation, dict]:
+  """(step-0 state, optimiser, lr schedule per group) from variables {'params', ...constants}: the official
+  optimiser (optim.make_optimizer) for this global batch and epoch length."""
+  params = variables["params"]
+  constants = {k: v for k, v in variables.items() if k != "params"}
+  tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, global_batch, steps_per_epoch)
+  return TrainState.create(params, tx.init(params), rng, constants), tx, schedules
+
+
 def make_train_step(
   model, cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh: Mesh, schedules: dict
 ):
@@ -224,9 +235,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   train_source = sources.build_source(cfg.data, "train")
   sch = schedule(cfg, train_source)
   variables = initial_variables(cfg, model, jax.random.PRNGKey(t.seed))
-  params = variables.pop("params")
-  tx, schedules = optim.make_optimizer(t, cfg.model, params, sch.global_batch, sch.steps_per_epoch)
-  state = TrainState.create(params, tx.init(params), jax.random.PRNGKey(t.seed + 1), variables)
+  state, tx, schedules = new_state(
+    cfg, variables, sch.global_batch, sch.steps_per_epoch, jax.random.PRNGKey(t.seed + 1)
+  )
   ds = pipeline.train_dataset(
     train_source, cfg.data, sch.global_batch, t.seed, sch.total_steps, jax.process_index(), jax.process_count()
   )

@@ -95,9 +95,7 @@ def test_nonfinite_step_is_counted_on_device_and_never_applied(data_dir, mode):
   mesh = trainer.data_mesh()
   model = model_lib.build_model(cfg.model)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-  params = variables.pop("params")
-  tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, 2, 10)
-  state = trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(1), variables)
+  state, tx, schedules = trainer.new_state(cfg, variables, 2, 10, jax.random.PRNGKey(1))
   good = pipeline.train_dataset(sources.build_source(cfg.data, "train"), cfg.data, jax.device_count() * 2, 0, 1)[0]
   bad = {k: v.copy() for k, v in good.items()}
   bad["image"][0, 0, 0, 0] = np.nan
@@ -361,8 +359,8 @@ def test_three_steps_match_the_official_optimiser():
   d = load_npz("train_tiny")
   model, variables, mc = convert.load_official(str(official("train_tiny.pth")))
   cfg = ml_collections.ConfigDict({"model": mc, "loss": losses.loss_config(), "train": config_lib.train_config()})
-  params = variables.pop("params")
-  tx, schedules = optim.make_optimizer(cfg.train, mc, params, global_batch=2, steps_per_epoch=1000)
+  state, tx, schedules = trainer.new_state(cfg, variables, 2, 1000, jax.random.PRNGKey(0))
+  params = variables["params"]
   np.testing.assert_allclose([float(schedules[k](0)) for k in ("base", "backbone", "linear_proj")], d["lr"], rtol=1e-6)
   boxes = [d[f"target_boxes_{b}"] for b in range(2)]
   m = max(len(b) for b in boxes)
@@ -382,7 +380,6 @@ def test_three_steps_match_the_official_optimiser():
   mesh = trainer.data_mesh()
   batch = loop.global_batch(mesh, batch)
   initial = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-  state = trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(0), variables)
   step = trainer.make_train_step(model, cfg, tx, mesh, schedules)
   for i in range(3):
     state, metrics = step(state, batch)
@@ -453,9 +450,7 @@ def test_train_step_host_callbacks(data_dir, solver):
   mesh = trainer.data_mesh()
   model = model_lib.build_model(cfg.model)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-  params = variables.pop("params")
-  tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, 2, 10)
-  state = trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(1), variables)
+  state, tx, schedules = trainer.new_state(cfg, variables, 2, 10, jax.random.PRNGKey(1))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   g, (h, w), m = 2 * jax.device_count(), cfg.data.buckets[0], cfg.data.max_boxes
   batch = {

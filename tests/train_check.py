@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import loop, optim, trainer
+from sparse_detr_jax import loop, trainer
 from sparse_detr_jax import model as model_lib
 from sparse_detr_jax.data import pipeline, sources
 
@@ -20,9 +20,7 @@ cfg.train.batch_size = 4 // n
 mesh = trainer.data_mesh()
 model = model_lib.build_model(cfg.model)
 variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-params = variables.pop("params")
-tx, schedules = optim.make_optimizer(cfg.train, cfg.model, params, 4, 10)
-state = trainer.TrainState.create(params, tx.init(params), jax.random.PRNGKey(1), variables)
+state, tx, schedules = trainer.new_state(cfg, variables, 4, 10, jax.random.PRNGKey(1))
 batch = pipeline.train_dataset(sources.build_source(cfg.data, "train"), cfg.data, 4, 0, 1)[0]
 # Every image fully valid: the official per-device quirks (encoder-aux / DAM terms over the per-device
 # maximum kept-token count, scoring logits padded to the per-device minimum) then agree between one
