@@ -36,6 +36,10 @@ HARMLESS = (
 )
 
 
+class ConfigMismatch(ValueError):
+  """The workdir holds a run trained with a config that differs where it matters."""
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(tree, dict):
     out = {}
@@ -56,7 +60,7 @@ def differences(stored: dict, given: dict) -> dict[str, tuple[Any, Any]]:
 
 
 def check_and_record(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raise ValueError if WORKDIR/config.json belongs to a different run; else (host 0) write cfg there."""
+  """Raise ConfigMismatch if WORKDIR/config.json belongs to a different run; else (host 0) write cfg there."""
   path = pathlib.Path(workdir) / CONFIG_FILE
   given = json.loads(cfg.to_json_best_effort())
   if path.exists():
@@ -68,7 +72,7 @@ def check_and_record(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     bad = {k: v for k, v in diff.items() if not _harmless(k)}
     if bad:
       lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, (a, b) in bad.items())
-      raise ValueError(
+      raise ConfigMismatch(
         f"{workdir} holds a run trained with a different config ({path}):\n{lines}\n"
         f"Either rerun with the workdir's config (to resume that run) or give a new --workdir (to start this one)."
       )
