@@ -51,7 +51,12 @@ def matching_cost(
 
 
 def _scipy_assign(cost: np.ndarray, row_valid: np.ndarray, col_valid: np.ndarray) -> np.ndarray:
-  """Host solver: cost (B, Q, M) -> (B, M) query per valid target, -1 elsewhere."""
+  """Host solver: cost (B, Q, M) -> (B, M) query per valid target, -1 elsewhere.
+
+  Runs inside the jitted step (a host callback): numpy only. A JAX operation here (even indexing a
+  jax.Array argument) waits for the device that is running this very step, a deadlock.
+  """
+  row_valid, col_valid = np.asarray(row_valid), np.asarray(col_valid)
   out = np.full(cost.shape[::2], -1, np.int32)
   # A diverged step gives non-finite costs; any assignment will do (its loss is non-finite and the
   # trainer drops the update), but scipy would raise inside the jitted step.

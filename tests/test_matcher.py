@@ -76,3 +76,19 @@ def test_jax_solver_under_vmap():
 def test_unknown_solver_is_a_clear_error():
   with pytest.raises(ValueError, match="loss.matcher"):
     matcher.assign(jnp.zeros((1, 2, 2)), jnp.ones((1, 2), bool), jnp.ones((1, 2), bool), "greedy")
+
+
+def test_host_solver_runs_no_jax_operation(monkeypatch):
+  """The scipy solver runs inside the jitted step (a host callback), where a JAX operation on its jax.Array
+  arguments waits for the devices running that step: it must use numpy only (a suite run hung on this)."""
+  rng = np.random.default_rng(0)
+  cost, rows, cols = jnp.asarray(rng.random((2, 6, 3), np.float32)), jnp.ones((2, 6), bool), jnp.ones((2, 3), bool)
+  array_type = type(cost)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a JAX operation inside the host callback")
+
+  for name in ("__getitem__", "__mul__", "__add__", "sum", "astype", "reshape"):
+    monkeypatch.setattr(array_type, name, refuse)
+  out = matcher._scipy_assign(cost, rows, cols)
+  assert out.shape == (2, 3) and sorted(out[0]) == sorted(set(out[0])) and (out >= 0).all()
