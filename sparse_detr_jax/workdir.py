@@ -8,6 +8,7 @@ watched or how long it goes on (`HARMLESS`) may differ; the differences are logg
 
 import json
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -78,6 +79,10 @@ def check_and_record(cfg: ml_collections.ConfigDict, workdir: str) -> None:
       )
     for k, (a, b) in diff.items():
       logging.info("config %s changed for this run: %r -> %r", k, a, b)
-  if jax.process_index() == 0:
+  text = json.dumps(given, indent=1, sort_keys=True)
+  if jax.process_index() == 0 and (not path.exists() or path.read_text() != text):
+    # Other hosts may be reading it right now: they must see the old file or the new one, never a part.
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(given, indent=1, sort_keys=True))
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
