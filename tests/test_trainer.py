@@ -86,16 +86,20 @@ def test_four_devices_step_equals_one_device(data_dir):
     np.testing.assert_allclose(four["params"][k], one["params"][k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def fresh_step_parts(cfg):
+  """(mesh, model, step-0 state, optimiser, schedules) for `cfg` on every device."""
+  model = model_lib.build_model(cfg.model)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  return (trainer.data_mesh(), model, *trainer.new_state(cfg, variables, 2, 10, jax.random.PRNGKey(1)))
+
+
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_nonfinite_step_is_counted_on_device_and_never_applied(data_dir, mode):
   """A NaN batch: no update, counted on the device with its step; after it, 'stop' applies nothing more (the
   loop stops with the last good state), 'skip' goes on training."""
   cfg = tiny_config(data_dir)
   cfg.train.on_nonfinite = mode
-  mesh = trainer.data_mesh()
-  model = model_lib.build_model(cfg.model)
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-  state, tx, schedules = trainer.new_state(cfg, variables, 2, 10, jax.random.PRNGKey(1))
+  mesh, model, state, tx, schedules = fresh_step_parts(cfg)
   good = pipeline.train_dataset(sources.build_source(cfg.data, "train"), cfg.data, jax.device_count() * 2, 0, 1)[0]
   bad = {k: v.copy() for k, v in good.items()}
   bad["image"][0, 0, 0, 0] = np.nan
@@ -446,10 +450,7 @@ def test_train_step_host_callbacks(data_dir, solver):
   """TPU readiness: with the on-device matcher the compiled step holds no host callback (the scipy one does)."""
   cfg = tiny_config(data_dir)
   cfg.loss.matcher = solver
-  mesh = trainer.data_mesh()
-  model = model_lib.build_model(cfg.model)
-  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-  state, tx, schedules = trainer.new_state(cfg, variables, 2, 10, jax.random.PRNGKey(1))
+  mesh, model, state, tx, schedules = fresh_step_parts(cfg)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   g, (h, w), m = 2 * jax.device_count(), cfg.data.buckets[0], cfg.data.max_boxes
   batch = {
