@@ -10,7 +10,7 @@ Prints the standard 12-number COCO table and writes eval_results.json / eval_met
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_detr_jax import evaluator, loop, trainer
+from sparse_detr_jax import evaluator, logs, loop, trainer
 from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cfg = FLAGS.config
-  trainer.quiet_orbax_logs()
+  logs.quiet_library_logs()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError("give --workdir or --checkpoint")

@@ -21,12 +21,13 @@ setup(
     "pycocotools>=2.0.8,<3",
     "ml_collections>=1.0,<2",
     "absl-py>=2.1,<3",
-    "pillow>=10,<14",
+    "pillow>=10.1,<14",  # ImageFont.load_default(size=...)
     "grain>=0.2.12,<0.3",
     "tensorflow-datasets>=4.9.7,<5",
     "array_record>=0.7,<0.9",
     "importlib_resources>=6",
     "tensorboardX>=2.6,<3",  # tensorflow-datasets imports it without declaring it
+    "flatbuffers>=24,<26",  # jax.export serialization (Detector.from_export)
   ],
   extras_require={
     # CPU build of PyTorch, only to read official .pth checkpoints.

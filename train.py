@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import loop, trainer, workdir
+from sparse_detr_jax import logs, loop, trainer, workdir
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and eval results go here")
@@ -45,8 +45,8 @@ def init_distributed() -> None:
 
 def main(argv):
   del argv
+  logs.quiet_library_logs()
   init_distributed()
-  trainer.quiet_orbax_logs()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   config_lib.validate(FLAGS.config.model)
   logging.info("%d processes, %d devices (%d local)", jax.process_count(), jax.device_count(), jax.local_device_count())

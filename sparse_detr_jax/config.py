@@ -137,6 +137,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.num_feature_levels: need at least {n_backbone} for backbone {c.backbone!r}")
 
 
+def _tuples(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def from_json(d: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A config read back from JSON (a workdir's config.json, an export's manifest), lists turned back into
+  the tuples configs hold (buckets, scales, Swin depths)."""
+  return ml_collections.ConfigDict(_tuples(d))
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file such as configs/r50_sparse_detr_rho_0.1.py."""
   if not os.path.isfile(path):

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -138,13 +137,6 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
     pathlib.Path(workdir).absolute() / "checkpoints",
     options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
     item_names=("state", "data"),
-  )
-
-
-def quiet_orbax_logs() -> None:
-  """Keep Orbax's per-save INFO lines out of the console (its warnings and errors still show)."""
-  absl_logging.get_absl_handler().addFilter(
-    lambda r: r.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname
   )
 
 

@@ -1,16 +1,24 @@
 """Pictures: detections drawn on an image (predict.py, the demo) and Sparse DETR's mechanism (kept
-encoder tokens and decoder attention map per feature level; predict.py --mechanism, TensorBoard)."""
+encoder tokens and decoder attention map per feature level; Detector.mechanism, TensorBoard).
 
-from collections.abc import Mapping
+Text is sized to the picture (TITLE_SHARE of its height) so that pictures read without zooming.
+"""
+
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from sparse_detr_jax import dam, postprocess
 from sparse_detr_jax.data import transforms
 
-MIN_PICTURE_SIDE = 320  # mechanism pictures of smaller images are enlarged by an integer factor
+TITLE_SHARE = 0.02  # text height / picture height
+MIN_TEXT_PX = 11
+MIN_TILE_SIDE = 320  # mechanism tiles of smaller images are enlarged by an integer factor
+MAX_PICTURE_SIDE = 2000  # the mechanism picture's long side, by default
+KEPT_RGB = (255, 255, 0)
 PALETTE = (
   (230, 25, 75),
   (60, 180, 75),
@@ -25,6 +33,11 @@ PALETTE = (
 )  # one colour per category id mod 10
 
 
+def font(picture_height: int) -> ImageFont.FreeTypeFont:
+  """Pillow's bundled font at TITLE_SHARE of the picture height (at least MIN_TEXT_PX)."""
+  return ImageFont.load_default(size=max(MIN_TEXT_PX, round(TITLE_SHARE * picture_height)))
+
+
 def draw_detections(
   image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, names: Mapping[int, str]
 ) -> Image.Image:
@@ -32,42 +45,43 @@ def draw_detections(
   img = Image.fromarray(image).convert("RGB")
   draw = ImageDraw.Draw(img)
   width = max(1, round(max(img.size) / 300))
+  text_font = font(img.height)
   for k in np.argsort(scores, kind="stable"):  # the best detection drawn last, on top
     (x0, y0, x1, y1), label, score = boxes[k], labels[k], scores[k]
     colour = PALETTE[int(label) % len(PALETTE)]
     draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
     text = f"{names.get(int(label), f'class {int(label)}')} {score:.2f}"
-    tx, ty = x0, max(0, y0 - 11)
-    draw.rectangle(draw.textbbox((tx, ty), text), fill=colour)
-    draw.text((tx, ty), text, fill=(0, 0, 0))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=text_font)
+    tx, ty = x0, max(0, y0 - bottom)  # above the box, inside the picture
+    draw.rectangle((tx, ty, tx + right, ty + bottom), fill=colour)
+    draw.text((tx, ty), text, fill=(0, 0, 0), font=text_font)
   return img
 
 
-def token_maps(outputs: dict, index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Image `index`'s kept-token masks and DAM per feature level over the padded canvas:
-  ([(h_l, w_l) bool], [(h_l, w_l) float]).
+def token_maps(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Sparse DETR's mechanism over the flat token grid, jittable: (kept (B, N) bool, attention (B, N) float32).
 
-  outputs: the model's (batch) outputs. Kept tokens: its first `sparse_token_nums` top-rho slots (every
-  unpadded token when rho = 0); DAM: decoder sampling weights splatted on the token grid (dam.attention_map).
+  Kept: the tokens the encoder updated (each image's top-rho slots; every unpadded token when rho = 0).
+  Attention: the decoder attention map (dam.attention_map), what the scoring network learns to predict.
   """
   shapes = [tuple(int(v) for v in s) for s in np.asarray(outputs["spatial_shapes"])]
-  attn = np.asarray(
-    dam.attention_map(
-      shapes, outputs["sampling_locations_dec"][index : index + 1], outputs["attn_weights_dec"][index : index + 1]
-    )[0]
-  )
-  if "backbone_topk_proposals" in outputs:
-    kept = np.zeros(attn.shape[0], bool)
-    kept[np.asarray(outputs["backbone_topk_proposals"][index])[: int(outputs["sparse_token_nums"][index])]] = True
-  else:
-    kept = ~np.asarray(outputs["mask_flatten"][index])
+  attention = dam.attention_map(shapes, outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
+  if "backbone_topk_proposals" not in outputs:
+    return ~outputs["mask_flatten"], attention
+  n = attention.shape[1]
+  scatter = lambda i, v: jnp.zeros((n,), jnp.int32).at[i].max(v.astype(jnp.int32))
+  kept = jax.vmap(scatter)(outputs["backbone_topk_proposals"], outputs["kept_slot_mask"]) > 0  # (B, N)
+  return kept, attention
+
+
+def level_grids(flat: np.ndarray, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+  """A flat token map (N,) -> one (h_l, w_l) grid per feature level."""
   starts = np.concatenate([[0], np.cumsum([h * w for h, w in shapes])])
-  grids = lambda x: [x[starts[l] : starts[l + 1]].reshape(h, w) for l, (h, w) in enumerate(shapes)]
-  return grids(kept), grids(attn)
+  return [np.asarray(flat[starts[l] : starts[l + 1]]).reshape(h, w) for l, (h, w) in enumerate(shapes)]
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
-  """(h, w) float -> (h, w, 3) uint8 black-red-yellow-white heat colours, scaled to the map's maximum."""
+  """float array -> uint8 black-red-yellow-white heat colours (..., 3), scaled to the array's maximum."""
   t = values / max(float(values.max()), 1e-12)
   rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], -1)
   return (rgb * 255).astype(np.uint8)
@@ -79,41 +93,76 @@ def _overlay(image: Image.Image, grid: np.ndarray, canvas: tuple[int, int], alph
   return Image.blend(image, layer, alpha)
 
 
+def mechanism_tiles(
+  image: np.ndarray,
+  canvas_hw: tuple[int, int],
+  kept: list[np.ndarray],
+  attention: list[np.ndarray],
+  max_width: int,
+  max_height: int,
+) -> list[tuple[Image.Image, Image.Image, str]]:
+  """Per feature level: (kept tokens in yellow over the image, decoder attention heat over it, title), tiles
+  at the image's aspect ratio, the levels side by side at most `max_width` wide, two rows at most
+  `max_height` high."""
+  h, w = image.shape[:2]
+  zoom = max(1, MIN_TILE_SIDE // max(h, w))  # small CPU-demo images, enlarged for reading
+  scale = zoom * min(1.0, max_width / (len(kept) * w * zoom), max_height / (2 * h * zoom))
+  size = (max(1, round(w * scale)), max(1, round(h * scale)))
+  base = Image.fromarray(image).convert("RGB").resize(size, Image.BILINEAR if scale < 1 else Image.NEAREST)
+  canvas = (round(canvas_hw[1] * scale), round(canvas_hw[0] * scale))
+  tiles = []
+  for lvl, (k, a) in enumerate(zip(kept, attention, strict=True)):
+    on_image = -(-h * k.shape[0] // canvas_hw[0]) * -(-w * k.shape[1] // canvas_hw[1])
+    keep_rgb = np.where(k[..., None], np.array(KEPT_RGB, np.uint8), np.zeros(3, np.uint8))
+    title = f"level {lvl}: {int(k.sum())}/{on_image} kept"
+    tiles.append((_overlay(base, keep_rgb, canvas, 0.55), _overlay(base, _heat(a), canvas, 0.7), title))
+  return tiles
+
+
 def mechanism_picture(
-  image: np.ndarray, canvas_hw: tuple[int, int], kept: list[np.ndarray], attention: list[np.ndarray]
+  image: np.ndarray,
+  canvas_hw: tuple[int, int],
+  kept: list[np.ndarray],
+  attention: list[np.ndarray],
+  max_side: int = MAX_PICTURE_SIDE,
 ) -> Image.Image:
-  """Sparse DETR's mechanism for one image, as the paper's figures: per feature level (columns), the
-  tokens the scoring network kept (top row, yellow) and the decoder attention map (bottom row, heat).
+  """Sparse DETR's mechanism for one image, as the paper's figures: feature levels side by side (columns),
+  the tokens the scoring network kept (top row, yellow) and the decoder attention map (bottom row, heat,
+  each level scaled to its maximum), titles and a legend; long side at most about `max_side` pixels.
 
   image: (h, w, 3) uint8, the image as the model saw it (resized, unpadded; model_view); canvas_hw: the
-  padded canvas it sat in; kept / attention: token_maps() of that image.
+  padded canvas it sat in; kept / attention: per-level grids (level_grids of token_maps).
   """
-  base = Image.fromarray(image).convert("RGB")
-  zoom = max(1, MIN_PICTURE_SIDE // max(base.size))  # small CPU-demo images, enlarged for reading
-  base = base.resize((base.width * zoom, base.height * zoom), Image.NEAREST)
-  canvas = (canvas_hw[1] * zoom, canvas_hw[0] * zoom)
-  tiles = []
-  for k, a in zip(kept, attention, strict=True):
-    on_image = -(-image.shape[0] * k.shape[0] // canvas_hw[0]) * -(-image.shape[1] * k.shape[1] // canvas_hw[1])
-    keep_rgb = np.where(k[..., None], np.array([255, 255, 0], np.uint8), np.array([0, 0, 0], np.uint8))
-    tiles.append(
-      (
-        _overlay(base, keep_rgb, canvas, 0.55),
-        _overlay(base, _heat(a), canvas, 0.7),
-        f"level {len(tiles)}: {int(k.sum())}/{on_image} kept",
-      )
-    )
-  w, h = base.size
-  pad = 14
-  picture = Image.new("RGB", (len(tiles) * (w + 4), 2 * (h + pad)), "white")
+  gap = max(4, max_side // 400)
+  # Three text lines take ~3 * 1.5 * TITLE_SHARE of the height.
+  tiles = mechanism_tiles(image, canvas_hw, kept, attention, max_side - (len(kept) - 1) * gap, round(0.85 * max_side))
+  tw, th = tiles[0][0].size
+  text = font(round((2 * th + 3 * gap) / (1 - 3 * TITLE_SHARE)))  # three text lines of ~2% of the height
+  line = text.getbbox("Ag")[3] + gap
+  width = len(tiles) * (tw + gap) - gap
+  picture = Image.new("RGB", (width, 2 * th + 3 * line), "white")
   draw = ImageDraw.Draw(picture)
   for col, (top, bottom, title) in enumerate(tiles):
-    x = col * (w + 4)
-    draw.text((x + 2, 1), title, fill=(0, 0, 0))
-    picture.paste(top, (x, pad))
-    draw.text((x + 2, h + pad + 1), "decoder attention (DAM)", fill=(0, 0, 0))
-    picture.paste(bottom, (x, h + 2 * pad))
+    x = col * (tw + gap)
+    draw.text((x, 0), title, fill=(0, 0, 0), font=text)
+    picture.paste(top, (x, line))
+    draw.text((x, line + th + gap // 2), "decoder attention", fill=(0, 0, 0), font=text)
+    picture.paste(bottom, (x, 2 * line + th))
+  _legend(draw, 2 * line + 2 * th + gap // 2, line, text)
   return picture
+
+
+def _legend(draw: ImageDraw.ImageDraw, y: int, line: int, text: ImageFont.FreeTypeFont) -> None:
+  """One line at height y: a yellow swatch 'kept token', then the heat colour bar from 0 to the level's maximum."""
+  s, ink = line * 2 // 3, (0, 0, 0)
+  draw.rectangle((0, y, s, y + s), fill=KEPT_RGB, outline=ink)
+  x = s + s // 2
+  for label, bar in (("kept token", 0), ("decoder attention: 0", 12 * s), ("level maximum", 0)):
+    draw.text((x, y), label, fill=ink, font=text)
+    x += round(draw.textlength(label, font=text)) + s // 2
+    for i, c in enumerate(_heat(np.linspace(0, 1, bar)) if bar else []):
+      draw.line((x + i, y, x + i, y + s), fill=tuple(int(v) for v in c))
+    x += bar + (s // 2 if bar else 2 * s)
 
 
 def model_view(batch: dict[str, np.ndarray], slot: int) -> np.ndarray:
@@ -133,5 +182,7 @@ def batch_pictures(
   det = jax.tree.map(np.asarray, postprocess.postprocess(out, np.array([[h, w]], np.int32)))
   keep = det["scores"][0] >= threshold
   detections = draw_detections(seen, det["boxes"][0][keep], det["labels"][0][keep], det["scores"][0][keep], names)
-  mechanism = mechanism_picture(seen, batch["image"].shape[1:3], *token_maps(out, 0))
+  shapes = np.asarray(out["spatial_shapes"])
+  kept, attention = (level_grids(np.asarray(m[0]), shapes) for m in token_maps(out))
+  mechanism = mechanism_picture(seen, batch["image"].shape[1:3], kept, attention)
   return {"detections": np.asarray(detections), "mechanism": np.asarray(mechanism)}

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from sparse_detr_jax import config as config_lib
+
 CONFIG_FILE = "config.json"
 
 # Dotted fields (or `block.` prefixes) a resumed run may change.
@@ -86,3 +88,11 @@ def check_and_record(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     tmp = path.with_name(f".{CONFIG_FILE}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir's run was trained with (WORKDIR/config.json)."""
+  path = pathlib.Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: not found; expected a training workdir (train.py --workdir)")
+  return config_lib.from_json(json.loads(path.read_text()))

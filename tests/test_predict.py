@@ -1,5 +1,5 @@
 """predict.py and visualize.py: detections JSON and pictures for image files (upright by EXIF, bad files
-reported), Sparse DETR's mechanism picture, TensorBoard pictures during training."""
+reported), Sparse DETR's mechanism picture, TensorBoard pictures during training, a Detector from a run."""
 
 import copy
 import json
@@ -12,9 +12,9 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
+from sparse_detr_jax import Detector, predict, trainer, visualize
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import model as model_lib
-from sparse_detr_jax import predict, trainer, visualize
 from sparse_detr_jax.data import pipeline, shapes, sources
 
 
@@ -42,23 +42,23 @@ def test_predict_writes_detections_and_pictures(setup, tmp_path):
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3)).astype(np.uint8)).save(broken)
   broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
   paths = [str(p) for p in val] + [str(upright), str(broken)]
-  results, mech = predict.predict(model, variables, paths, cfg.data, 2, threshold=0.0, mechanism=True)
-  predict.write(results, predict.category_names(cfg.data), str(tmp_path / "out"), mech)
+  detector = Detector.from_model(model, variables, cfg.data, batch_size=2)
+  predict.predict(detector, paths, str(tmp_path / "out"), threshold=0.0, mechanism=True)
   saved = json.loads((tmp_path / "out" / "detections.json").read_text())
   assert [r["file"] for r in saved] == paths
-  assert (saved[2]["width"], saved[2]["height"]) == (40, 60) and saved[3]["error"] == "cannot decode image"
+  assert (saved[2]["width"], saved[2]["height"]) == (40, 60) and "cannot decode image" in saved[3]["error"]
   names = {c["id"]: c["name"] for c in shapes.CATEGORIES}  # the untrained model also predicts the unused id 0
   for r in saved[:3]:
     assert len(r["detections"]) == 10 * 7  # threshold 0: every (query, class) pair, best first
     scores = [d["score"] for d in r["detections"]]
     assert scores == sorted(scores, reverse=True)
     for d in r["detections"]:
-      x, y, w, h = d["bbox"]
+      x0, y0, x1, y1 = d["box"]
       assert d["category"] == names.get(d["category_id"], f"class {d['category_id']}")
-      assert -1e-3 <= x <= x + w <= r["width"] + 1e-3 and -1e-3 <= y <= y + h <= r["height"] + 1e-3
+      assert 0 <= x0 <= x1 <= r["width"] and 0 <= y0 <= y1 <= r["height"]  # clipped to the image
     with Image.open(r["picture"]) as picture, Image.open(r["mechanism_picture"]) as mechanism:
       assert picture.size == (r["width"], r["height"])
-      assert min(mechanism.size) >= visualize.MIN_PICTURE_SIDE // 2  # enlarged for reading
+      assert 2 * visualize.MIN_TILE_SIDE <= max(mechanism.size) <= visualize.MAX_PICTURE_SIDE  # enlarged to read
   assert "picture" not in saved[3]
   with pytest.raises(FileNotFoundError, match="missing.jpg"):
     sources.ImageFiles([str(tmp_path / "missing.jpg")])
@@ -68,20 +68,24 @@ def test_token_maps_follow_the_selection(setup):
   root, cfg, model, variables = setup
   batch = pipeline.eval_dataset(sources.build_source(cfg.data, "val"), cfg.data, 2)[0]
   out = jax.jit(model.apply)(variables, batch["image"], batch["padding_mask"])
+  kept_flat, attention_flat = visualize.token_maps(out)
+  shapes = [tuple(s) for s in out["spatial_shapes"]]
   for slot in range(2):
-    kept, attention = visualize.token_maps(out, slot)
+    kept, attention = (visualize.level_grids(np.asarray(m[slot]), shapes) for m in (kept_flat, attention_flat))
     h, w = batch["size"][slot]
-    assert [k.shape for k in kept] == [a.shape for a in attention] == [tuple(s) for s in out["spatial_shapes"]]
+    assert [k.shape for k in kept] == [a.shape for a in attention] == shapes
     assert sum(int(k.sum()) for k in kept) == int(out["sparse_token_nums"][slot])
     assert all((a >= 0).all() for a in attention) and sum(float(a.sum()) for a in attention) > 0
     view = visualize.model_view(batch, slot)
     assert view.shape == (h, w, 3) and view.dtype == np.uint8
-    picture = np.asarray(visualize.mechanism_picture(view, (64, 64), kept, attention))
-    zoom = visualize.MIN_PICTURE_SIDE // max(h, w)
-    top_left = picture[14 : 14 + h * zoom, : w * zoom]  # level 0, kept tokens highlighted in yellow
+    tiles = visualize.mechanism_tiles(view, (64, 64), kept, attention, 4000, 4000)
+    top_left = np.asarray(tiles[0][0])  # level 0, kept tokens highlighted in yellow
+    zoom = visualize.MIN_TILE_SIDE // max(h, w)
+    assert top_left.shape == (h * zoom, w * zoom, 3)
     yellowish = (top_left[..., 0] > 150) & (top_left[..., 1] > 150) & (top_left[..., 2] < 120)
     cells = kept[0].repeat(8 * zoom, 0).repeat(8 * zoom, 1)[: h * zoom, : w * zoom]
     assert yellowish[cells].mean() > 0.9 and yellowish[~cells].mean() < 0.05
+    assert max(visualize.mechanism_picture(view, (64, 64), kept, attention, max_side=500).size) <= 500
 
 
 def event_images(logdir: pathlib.Path) -> set[str]:
@@ -107,3 +111,9 @@ def test_training_writes_tensorboard_pictures(setup, tmp_path):
   cfg.train.update(batch_size=1, max_steps=2, picture_every_steps=2, checkpoint_every=2, eval_at_end=False)
   trainer.train(cfg, str(tmp_path))
   assert event_images(tmp_path) == {"pictures/detections", "pictures/mechanism"}
+  # A Detector from the run (its config from the workdir) and from the step directory give the same.
+  image = np.asarray(sources.ImageFiles([str(sorted((root / "val").glob("*.jpg"))[0])]).image(0))
+  from_run = Detector.from_checkpoint(str(tmp_path))(image, threshold=0.0)
+  assert len(from_run) == 10 * 7 and from_run == Detector.from_checkpoint(str(tmp_path / "checkpoints" / "2"))(
+    image, threshold=0.0
+  )

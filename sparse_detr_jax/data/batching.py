@@ -44,11 +44,12 @@ class BatchPlan:
 
 
 def group_batches(order: np.ndarray, hw: np.ndarray, buckets: list[tuple[int, int]], global_batch: int,
-                  drop_remainder: bool) -> list[BatchPlan]:
+                  drop_remainder: bool, move_up: bool = True) -> list[BatchPlan]:
   """Batches of `global_batch` images in `order`, each from one bucket.
 
-  Leftovers of a bucket move up to the smallest larger bucket that contains it; what is left in a
-  bucket nothing contains is dropped (training) or padded with -1 slots (evaluation).
+  Leftovers of a bucket move up to the smallest larger bucket that contains it (unless not `move_up`:
+  then every image stays on its smallest canvas, so its result does not depend on the other images);
+  what is left in a bucket is then dropped (training) or padded with -1 slots (evaluation).
   """
   home = smallest_bucket(hw[order], buckets)                          # (n,)
   pending: list[list[int]] = [list(order[home == k]) for k in range(len(buckets))]
@@ -61,7 +62,7 @@ def group_batches(order: np.ndarray, hw: np.ndarray, buckets: list[tuple[int, in
     rest = items[full:]
     if not rest:
       continue
-    up = [j for j in range(k + 1, len(buckets)) if buckets[j][0] >= bh and buckets[j][1] >= bw]
+    up = [j for j in range(k + 1, len(buckets)) if move_up and buckets[j][0] >= bh and buckets[j][1] >= bw]
     if up:
       pending[up[0]].extend(rest)
     elif not drop_remainder:

@@ -1,5 +1,8 @@
 """COCO's 80 detection categories in the 91-id space the official code predicts in (num_classes=91)."""
 
+import json
+import pathlib
+
 COCO_CATEGORIES: dict[int, str] = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
     9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
@@ -23,3 +26,12 @@ def label_ids(names: list[str]) -> list[int]:
   if all(n in by_name for n in norm):
     return [by_name[n] for n in norm]
   return list(range(1, len(names) + 1))
+
+
+def names_for(data_config) -> dict[int, str]:
+  """{category id: name} of a config's dataset: its val annotation file's categories when present, else COCO's."""
+  if data_config.source == "coco":
+    path = pathlib.Path(data_config.coco_dir) / data_config.val_annotations
+    if path.is_file():
+      return {int(c["id"]): str(c["name"]) for c in json.loads(path.read_text())["categories"]}
+  return dict(COCO_CATEGORIES)

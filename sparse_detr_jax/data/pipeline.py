@@ -31,8 +31,9 @@ def data_spec(data_config) -> types.SimpleNamespace:
 class Planner:
   """Which images form global batch k, on which canvas, with which augmentation plans."""
 
-  def __init__(self, sizes: np.ndarray, spec, global_batch: int, seed: int, train: bool):
+  def __init__(self, sizes: np.ndarray, spec, global_batch: int, seed: int, train: bool, move_up: bool = True):
     self.sizes, self.spec, self.global_batch, self.seed, self.train = sizes, spec, global_batch, seed, train
+    self.move_up = move_up
     n = len(sizes)
     if train:
       self.batches_per_epoch = (n - batching.num_maximal(spec.buckets) * (global_batch - 1)) // global_batch
@@ -53,7 +54,8 @@ class Planner:
       order = rng.permutation(len(wh))
       plans = [transforms.plan_train(int(h), int(w), rng, self.spec) for w, h in wh]
     hw = np.array([transforms.output_hw(p, int(h), int(w)) for p, (w, h) in zip(plans, wh)]).reshape(-1, 2)
-    batches = batching.group_batches(order, hw, self.spec.buckets, self.global_batch, drop_remainder=self.train)
+    batches = batching.group_batches(order, hw, self.spec.buckets, self.global_batch, drop_remainder=self.train,
+                                     move_up=self.move_up)
     if self.train:
       batches = [batches[i] for i in rng.permutation(len(batches))][:self.batches_per_epoch]
     return plans, batches
@@ -121,10 +123,12 @@ def train_dataset(source, data_config, global_batch: int, seed: int, num_batches
   return grain.MapDataset.range(num_batches).map(LoadBatch(source, planner, process_index, process_count))
 
 
-def eval_dataset(source, data_config, global_batch: int, process_index: int = 0, process_count: int = 1
-                 ) -> grain.MapDataset:
-  """Every image once (val transform), padded to whole global batches with image_id -1 slots."""
-  planner = Planner(source.sizes, data_spec(data_config), global_batch, 0, train=False)
+def eval_dataset(source, data_config, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 move_up: bool = True) -> grain.MapDataset:
+  """Every image once (val transform), padded to whole global batches with image_id -1 slots. Not
+  `move_up`: every image on its own smallest canvas (batching.group_batches), for results that do not
+  depend on which other images came with it (Detector)."""
+  planner = Planner(source.sizes, data_spec(data_config), global_batch, 0, train=False, move_up=move_up)
   return grain.MapDataset.range(planner.batches_per_epoch).map(
       LoadBatch(source, planner, process_index, process_count))
 

@@ -259,6 +259,25 @@ class ImageFiles:
     return decode_image(self.paths[i], tuple(self.sizes[i]), str(self.paths[i]), upright=True)
 
 
+class ArrayImages:
+  """Images a program holds, (H, W, 3) uint8 RGB arrays, in the source interface (Detector); ids 1..N."""
+
+  def __init__(self, images: list[np.ndarray]):
+    self.images = images
+    self.sizes = np.array([(a.shape[1], a.shape[0]) for a in images], np.int64).reshape(-1, 2)
+    self.image_ids = np.arange(1, len(images) + 1, dtype=np.int64)
+    self.categories: dict[int, str] = {}
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def annotations(self, i: int) -> Annotations:
+    return Annotations(np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
+
+  def image(self, i: int) -> np.ndarray:
+    return self.images[i]
+
+
 def build_source(data_config, split: str):
   """The source a config's `data` block names, for split 'train' or 'val'."""
   d = data_config

@@ -1,0 +1,241 @@
+"""Detector: Sparse DETR on images a program holds, in one object that owns the preprocessing (the
+official evaluation transform), the batching into the config's static canvases and one compiled function
+per canvas, reused across calls.
+
+    from sparse_detr_jax import Detector
+    detector = Detector.from_checkpoint("r50_sparse_detr_rho_0.1.pth")   # or a training run, or an export
+    detections = detector(image)          # (H, W, 3) uint8 RGB array or PIL image; a list gives a list
+    detector.draw(image, detections).save("detections.png")
+    detector.mechanism(image).save("mechanism.png")   # kept encoder tokens and decoder attention per level
+
+Boxes are [x0, y0, x1, y1] in the image's pixels, clipped to it (evaluate.py keeps the official
+unclipped boxes for COCO parity). The model runs on the first local device.
+"""
+
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from sparse_detr_jax import box_ops, postprocess, visualize
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax.data import categories, pipeline, sources
+
+ImageLike = np.ndarray | Image.Image
+Detection = dict[str, Any]  # {'box': [x0, y0, x1, y1], 'score', 'category_id', 'category'}
+InferFn = Callable[[dict, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+
+
+def inference_function(model) -> InferFn:
+  """What a Detector compiles and `export` serializes, per canvas (H, W):
+  (variables, image (B, H, W, 3) normalised float32, padding_mask (B, H, W) bool, orig_size (B, 2) int32 (h, w))
+  -> {scores (B, D), labels (B, D), boxes (B, D, 4) xyxy pixels of orig_size, unclipped (official
+  post-processing, D = 100); kept (B, N) bool, attention (B, N) float32 (visualize.token_maps);
+  spatial_shapes (L, 2) int32}."""
+
+  def infer(variables: dict, image: jax.Array, padding_mask: jax.Array, orig_size: jax.Array) -> dict[str, jax.Array]:
+    out = model.apply(variables, image, padding_mask)
+    kept, attention = visualize.token_maps(out)
+    shapes = jnp.asarray(out["spatial_shapes"], jnp.int32)
+    return {**postprocess.postprocess(out, orig_size), "kept": kept, "attention": attention, "spatial_shapes": shapes}
+
+  return infer
+
+
+def as_image(image: Any, name: str) -> np.ndarray:
+  """A PIL image or (H, W, 3) uint8 RGB array -> the array; a clear error naming `name` otherwise."""
+  if isinstance(image, Image.Image):
+    image = np.asarray(image.convert("RGB"))
+  if not isinstance(image, np.ndarray):
+    raise TypeError(f"{name}: expected a numpy array (H, W, 3) uint8 RGB or a PIL image, got {type(image).__name__}")
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"{name}: expected shape (H, W, 3) RGB, got {image.shape}")
+  if image.dtype != np.uint8:
+    raise ValueError(f"{name}: expected dtype uint8 (0..255), got {image.dtype}")
+  if min(image.shape[:2]) == 0:
+    raise ValueError(f"{name}: the image is empty ({image.shape[0]}x{image.shape[1]} pixels)")
+  return np.ascontiguousarray(image)
+
+
+class Detector:
+  """Sparse DETR ready to run on images: see the module docstring. Build it with `from_checkpoint` or
+  `from_export`; `export` writes what `from_export` reads."""
+
+  def __init__(
+    self,
+    functions: Callable[[tuple[int, int]], InferFn],
+    variables: dict,
+    data_config: ml_collections.ConfigDict,
+    names: dict[int, str],
+    batch_size: int = 1,
+    model=None,
+  ):
+    """functions(canvas) -> the inference function (`inference_function`) to compile for that canvas;
+    data_config: the transform (val_size, max_size) and canvases (buckets); names: {category id: name};
+    batch_size: images per compiled call (more: throughput on an accelerator; padding slots cost compute);
+    model: the Flax model when in-process (None for an export)."""
+    if batch_size < 1:
+      raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+    self.data_config = data_config
+    self.canvases = pipeline.data_spec(data_config).buckets  # checks the config
+    self.names, self.batch_size, self.model = dict(names), int(batch_size), model
+    self._functions = functions
+    self._variables = jax.device_put(variables, jax.local_devices()[0])
+    self._compiled: dict[tuple[int, int], Any] = {}
+
+  @classmethod
+  def from_model(
+    cls, model, variables: dict, data_config: ml_collections.ConfigDict | None = None, batch_size: int = 1
+  ) -> "Detector":
+    """An in-process Detector: a built model (model.build_model), its variables and a data config (default: the
+    official COCO evaluation transform and canvases)."""
+    data_config = data_config or config_lib.data_config()
+    infer = inference_function(model)
+    return cls(lambda canvas: infer, variables, data_config, categories.names_for(data_config), batch_size, model)
+
+  @classmethod
+  def from_checkpoint(
+    cls, path: str, config: str | ml_collections.ConfigDict | None = None, batch_size: int = 1
+  ) -> "Detector":
+    """From an official .pth (architecture from its args), a directory written by `sparse_detr_jax.convert`,
+    a training workdir (its latest checkpoint) or one of its checkpoint step directories (WORKDIR/checkpoints/N).
+
+    config: a config file or ConfigDict whose `data` block gives the transform, canvases and category names
+    (for training checkpoints also the model); default: the workdir's config for training checkpoints, else
+    the official COCO evaluation transform and canvases.
+    """
+    # The model code is imported here only: a Detector read `from_export` never loads it.
+    from sparse_detr_jax import convert, trainer  # pylint: disable=import-outside-toplevel
+    from sparse_detr_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    from sparse_detr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
+    cfg = config_lib.load_config_file(config) if isinstance(config, str | pathlib.Path) else config
+    p = pathlib.Path(path)
+    if p.suffix == ".pth":
+      model, variables, _ = convert.load_official(str(p))
+    elif (p / "variables").is_dir() and (p / "config.json").is_file():
+      model, variables, _ = convert.load_converted(str(p))
+    else:
+      if (p / "checkpoints").is_dir():
+        workdir = p
+        steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
+        if not steps:
+          raise FileNotFoundError(f"{p / 'checkpoints'}: no checkpoint step directory")
+        p = p / "checkpoints" / str(steps[-1])
+      elif p.parent.name == "checkpoints" and p.name.isdigit():
+        workdir = p.parent.parent
+      else:
+        raise FileNotFoundError(
+          f"{path}: expected an official .pth, a directory written by sparse_detr_jax.convert, a training "
+          f"workdir or a checkpoint step directory WORKDIR/checkpoints/N"
+        )
+      cfg = cfg or workdir_lib.load_config(str(workdir))
+      model, variables = model_lib.build_model(cfg.model), trainer.restore_variables(str(p))
+    return cls.from_model(model, variables, cfg.data if cfg else None, batch_size)
+
+  @classmethod
+  def from_export(cls, directory: str, batch_size: int | None = None) -> "Detector":
+    """A Detector from what `export` wrote: the serialized functions run without the model's Python code.
+    batch_size: default the exported one (any, for an export with a symbolic batch dimension: then 1)."""
+    from sparse_detr_jax import export  # pylint: disable=import-outside-toplevel
+
+    return export.load(directory, cls, batch_size)
+
+  def export(self, out_dir: str, **options: Any) -> None:
+    """Write this Detector's inference function serialized with jax.export: see sparse_detr_jax.export.write."""
+    from sparse_detr_jax import export  # pylint: disable=import-outside-toplevel
+
+    export.write(self, out_dir, **options)
+
+  @property
+  def variables(self) -> dict:
+    return self._variables
+
+  def function(self, canvas: tuple[int, int]) -> InferFn:
+    """The (uncompiled) inference function of a canvas."""
+    return self._functions(tuple(canvas))
+
+  def _executable(self, canvas: tuple[int, int]):
+    """The compiled inference function of a canvas at this Detector's batch size (compiled on first use)."""
+    if canvas not in self._compiled:
+      h, w = canvas
+      b = self.batch_size
+      args = (
+        jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
+        jax.ShapeDtypeStruct((b, 2), jnp.int32),
+      )
+      self._compiled[canvas] = jax.jit(self.function(canvas)).lower(self._variables, *args).compile()
+    return self._compiled[canvas]
+
+  def _batches(self, images: list[np.ndarray]):
+    """(pipeline batch, outputs as numpy) per batch of the images grouped by canvas, each image on its own
+    smallest canvas (so its detections do not depend on the other images); the next batch is prepared
+    while the device runs the current one."""
+    dataset = pipeline.eval_dataset(sources.ArrayImages(images), self.data_config, self.batch_size, move_up=False)
+    pending = None
+    for k in range(len(dataset)):
+      batch = dataset[k]
+      canvas = tuple(int(v) for v in batch["image"].shape[1:3])
+      out = self._executable(canvas)(self._variables, batch["image"], batch["padding_mask"], batch["orig_size"])
+      if pending is not None:
+        yield pending[0], jax.tree.map(np.asarray, pending[1])
+      pending = (batch, out)
+    if pending is not None:
+      yield pending[0], jax.tree.map(np.asarray, pending[1])
+
+  def __call__(
+    self, images: ImageLike | Sequence[ImageLike], threshold: float = 0.5
+  ) -> list[Detection] | list[list[Detection]]:
+    """Detections scoring at least `threshold`, best first: a list of dicts {'box': [x0, y0, x1, y1] pixels
+    clipped to the image, 'score', 'category_id', 'category'} for one image, one such list per image for a
+    list (or a (N, H, W, 3) array) of images. Images: (H, W, 3) uint8 RGB arrays or PIL images, any sizes."""
+    if not 0.0 <= threshold <= 1.0:
+      raise ValueError(f"threshold: expected a score in [0, 1], got {threshold}")
+    single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3)
+    if single:
+      images = [images]
+    elif isinstance(images, np.ndarray) and images.ndim != 4:
+      raise ValueError(f"images: expected (H, W, 3) or (N, H, W, 3) uint8, got shape {images.shape}")
+    elif not isinstance(images, np.ndarray | Sequence) or isinstance(images, str | bytes):
+      raise TypeError(f"images: expected an image or a list of images, got {type(images).__name__}")
+    if len(images) == 0:
+      raise ValueError("images: the list is empty; give at least one image")
+    arrays = [as_image(x, "image" if single else f"images[{i}]") for i, x in enumerate(images)]
+    found: list[list[Detection]] = [[] for _ in arrays]
+    for batch, out in self._batches(arrays):
+      for slot in np.flatnonzero(batch["image_id"] >= 0):
+        h, w = (int(v) for v in batch["orig_size"][slot])
+        keep = out["scores"][slot] >= threshold
+        boxes = box_ops.clip_xyxy(out["boxes"][slot][keep], h, w)
+        found[int(batch["image_id"][slot]) - 1] = [
+          {"box": [float(v) for v in box], "score": float(s), "category_id": int(c), "category": self.name(int(c))}
+          for box, s, c in zip(boxes, out["scores"][slot][keep], out["labels"][slot][keep], strict=True)
+        ]
+    return found[0] if single else found
+
+  def name(self, category_id: int) -> str:
+    return self.names.get(category_id, f"class {category_id}")
+
+  def draw(self, image: ImageLike, detections: list[Detection]) -> Image.Image:
+    """The image with `detections` (this Detector's output for it) drawn: boxes, category names, scores."""
+    array = as_image(image, "image")
+    boxes = np.array([d["box"] for d in detections], np.float32).reshape(-1, 4)
+    labels = np.array([d["category_id"] for d in detections], np.int64)
+    scores = np.array([d["score"] for d in detections], np.float32)
+    return visualize.draw_detections(array, boxes, labels, scores, self.names)
+
+  def mechanism(self, image: ImageLike, max_side: int = visualize.MAX_PICTURE_SIDE) -> Image.Image:
+    """Sparse DETR's mechanism on one image (visualize.mechanism_picture): per feature level, the encoder
+    tokens the scoring network kept and the decoder attention map, on the image as the model saw it."""
+    array = as_image(image, "image")
+    ((batch, out),) = list(self._batches([array]))
+    shapes = [tuple(int(v) for v in s) for s in out["spatial_shapes"]]
+    kept, attention = (visualize.level_grids(out[k][0], shapes) for k in ("kept", "attention"))
+    view = visualize.model_view(batch, 0)
+    return visualize.mechanism_picture(view, batch["image"].shape[1:3], kept, attention, max_side)

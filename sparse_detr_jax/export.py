@@ -1,0 +1,173 @@
+"""Ship a detector: its inference function serialized with jax.export (StableHLO), one artifact per canvas.
+
+    python -m sparse_detr_jax.export --checkpoint PATH --out DIR [--config FILE] \
+        [--canvases 800x1088,1088x800] [--batch_size 0] [--platforms cpu,cuda]
+
+    from sparse_detr_jax import Detector
+    detector = Detector.from_export("DIR")      # no model code runs: the serialized functions do
+    detections = detector(image)
+
+PATH is what Detector.from_checkpoint takes (official .pth, converted directory, training workdir or
+checkpoint step). DIR holds manifest.json (format, canvases, batch size, platforms, the data config that
+preprocesses the images, category names, the JAX version that wrote it), variables.npz (the weights,
+arguments of every artifact) and canvas_<H>x<W>.jax (Exported.serialize() of `detector.inference_function`
+at that canvas). --batch_size 0 (default) exports a symbolic batch dimension (any batch size runs);
+N > 0 fixes it, which also makes the artifact compute bit for bit what the in-process model computes
+(a symbolic batch compiles to code whose float32 rounding differs from the fixed-batch one at ~1e-7).
+The artifacts run on the platforms they were exported for (default: this machine's).
+"""
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax import export as jax_export
+
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import logs
+from sparse_detr_jax.data import pipeline
+
+FORMAT = "sparse_detr_jax.export/1"
+MANIFEST = "manifest.json"
+VARIABLES = "variables.npz"
+
+
+def canvas_file(canvas: tuple[int, int]) -> str:
+  return f"canvas_{canvas[0]}x{canvas[1]}.jax"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out
+
+
+def _nested(flat: dict[str, np.ndarray]) -> dict:
+  out: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def write(
+  detector,
+  out_dir: str,
+  canvases: list[tuple[int, int]] | None = None,
+  batch_size: int = 0,
+  platforms: list[str] | None = None,
+) -> None:
+  """Export `detector` (in-process) to out_dir: see the module docstring. canvases: a subset of the detector's
+  (default all; together they must hold every image the transform produces); batch_size: 0 = symbolic."""
+  if detector.model is None:
+    raise ValueError("detector: already an export; export the checkpoint it came from")
+  canvases = [tuple(int(v) for v in c) for c in (canvases or detector.canvases)]
+  unknown = sorted(set(canvases) - set(detector.canvases))
+  if unknown:
+    raise ValueError(f"canvases: {unknown} are not among the detector's canvases {detector.canvases}")
+  data = detector.data_config.to_dict() | {"buckets": [list(c) for c in canvases]}
+  pipeline.data_spec(config_lib.from_json(data))  # the canvases hold every image the transform produces
+  if batch_size < 0:
+    raise ValueError(f"batch_size: expected 0 (symbolic) or a positive int, got {batch_size}")
+  (b,) = jax_export.symbolic_shape("b") if batch_size == 0 else (batch_size,)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), detector.variables)
+  files = {}
+  for h, w in canvases:
+    args = (
+      jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
+      jax.ShapeDtypeStruct((b, 2), jnp.int32),
+    )
+    exported = jax_export.export(jax.jit(detector.function((h, w))), platforms=platforms)(variables, *args)
+    files[f"{h}x{w}"] = canvas_file((h, w))
+    (out / files[f"{h}x{w}"]).write_bytes(exported.serialize())
+  np.savez(out / VARIABLES, **_flat(jax.device_get(detector.variables)))
+  manifest = {
+    "format": FORMAT,
+    "canvases": files,
+    "batch_size": batch_size or None,
+    "platforms": list(platforms or [jax_export.default_export_platform()]),
+    "data": data,
+    "categories": {str(k): v for k, v in detector.names.items()},
+    "jax_version": jax.__version__,
+  }
+  (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def load(directory: str, detector_cls, batch_size: int | None = None):
+  """Detector from what `write` wrote (Detector.from_export)."""
+  root = pathlib.Path(directory)
+  path = root / MANIFEST
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: not found; expected a directory written by python -m sparse_detr_jax.export")
+  manifest = json.loads(path.read_text())
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  platform = jax.local_devices()[0].platform
+  platform = {"gpu": "cuda"}.get(platform, platform)
+  if platform not in manifest["platforms"]:
+    raise ValueError(
+      f"{root}: exported for {manifest['platforms']}, this machine runs {platform}; export again with "
+      f"--platforms {platform}"
+    )
+  fixed = manifest["batch_size"]
+  if fixed and batch_size not in (None, fixed):
+    raise ValueError(f"batch_size: the export at {root} has a fixed batch size {fixed}, got {batch_size}")
+  with np.load(root / VARIABLES) as f:
+    variables = _nested({k: f[k] for k in f.files})
+  loaded: dict[tuple[int, int], Any] = {}
+
+  def function(canvas: tuple[int, int]):
+    if canvas not in loaded:
+      blob = (root / manifest["canvases"][f"{canvas[0]}x{canvas[1]}"]).read_bytes()
+      loaded[canvas] = jax_export.deserialize(bytearray(blob)).call
+    return loaded[canvas]
+
+  names = {int(k): v for k, v in manifest["categories"].items()}
+  return detector_cls(function, variables, config_lib.from_json(manifest["data"]), names, fixed or batch_size or 1)
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program: the library must not own global flags)."""
+  flags.DEFINE_string("checkpoint", None, "official .pth, converted directory, training workdir or checkpoint step")
+  flags.DEFINE_string("config", None, "config file whose data block gives the transform, canvases and names")
+  flags.DEFINE_string("out", None, "output directory")
+  flags.DEFINE_list("canvases", [], "HxW canvases to export (default: every canvas of the config)")
+  flags.DEFINE_integer("batch_size", 0, "0: symbolic batch dimension; N: fixed (bit-identical to in-process)")
+  flags.DEFINE_list("platforms", [], "platforms to export for, e.g. cpu,cuda,tpu (default: this machine's)")
+  flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def main(argv: list[str]) -> None:
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  logs.quiet_library_logs()
+  from sparse_detr_jax.detector import Detector  # pylint: disable=import-outside-toplevel
+
+  try:
+    canvases = [tuple(int(v) for v in c.lower().split("x")) for c in FLAGS.canvases]
+  except ValueError:
+    sys.exit(f"export: --canvases: expected HxW values such as 800x1088, got {FLAGS.canvases}")
+  detector = Detector.from_checkpoint(FLAGS.checkpoint, FLAGS.config)
+  write(detector, FLAGS.out, canvases or None, FLAGS.batch_size, FLAGS.platforms or None)
+  print(f"wrote {FLAGS.out}: {len(canvases or detector.canvases)} canvases, {MANIFEST}, {VARIABLES}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

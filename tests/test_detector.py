@@ -1,0 +1,141 @@
+"""detector.Detector on the official fixture checkpoints: the jitted model + official post-processing on the
+evaluation transform, clipped boxes, any sizes and counts, one compiled function per canvas, bad input."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, load_npz, official
+from PIL import Image
+
+from sparse_detr_jax import Detector, box_ops, convert, postprocess
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax.data import batching, transforms
+from sparse_detr_jax.data.sources import Annotations
+
+CANVASES = ((48, 64), (64, 48), (64, 64))
+
+
+def tiny_config():
+  """Small CPU settings: shorter side 48, longer side at most 64, three canvases."""
+  cfg = config_lib.load_config_file(str(ROOT / "configs" / "shapes_tiny.py"))
+  cfg.data.update(scales=(48,), val_size=48, max_size=64, buckets=CANVASES)
+  return cfg
+
+
+def fixture_images(name: str) -> list[np.ndarray]:
+  """The fixture's images as uint8 RGB (h, w, 3), unpadded."""
+  d = load_npz(name)
+  mean, std = transforms.IMAGENET_MEAN, transforms.IMAGENET_STD
+  out = []
+  for x, (h, w) in zip(d["images"], d["image_sizes"], strict=True):
+    rgb = np.transpose(x[:, :h, :w], (1, 2, 0)) * std + mean
+    out.append(np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8))
+  return out
+
+
+@pytest.fixture(scope="module", params=["tiny_sparse", "tiny_deformable"])
+def named_detector(request):
+  """(fixture name, its Detector): rho 0.2 and rho 0 (every token kept)."""
+  return request.param, Detector.from_checkpoint(str(official(request.param + ".pth")), tiny_config(), batch_size=2)
+
+
+@pytest.fixture()
+def detector(named_detector):
+  return named_detector[1]
+
+
+def reference(path: str, images: list[np.ndarray], cfg) -> list[dict]:
+  """The official way, written out: evaluation transform, padding to the smallest canvas, the jitted model,
+  official post-processing; then the top detections' boxes clipped to each image."""
+  model, variables, _ = convert.load_official(path)
+  spec = cfg.data
+  sizes = [transforms.output_hw(transforms.plan_eval(*x.shape[:2], spec), *x.shape[:2]) for x in images]
+  canvas = spec.buckets[batching.smallest_bucket(np.array(sizes), list(spec.buckets)).max()]
+  batch = np.zeros((len(images), *canvas, 3), np.float32)
+  padding = np.ones((len(images), *canvas), bool)
+  for i, (x, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+    empty = Annotations(np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
+    pixels, _ = transforms.apply(x, empty, transforms.plan_eval(*x.shape[:2], spec))
+    batch[i, :h, :w] = transforms.normalize(pixels, empty)[0]
+    padding[i, :h, :w] = False
+  out = jax.jit(model.apply)(variables, batch, padding)
+  orig = np.array([x.shape[:2] for x in images], np.int32)
+  det = jax.tree.map(np.asarray, postprocess.postprocess(out, orig))
+  return [
+    {"scores": det["scores"][i], "labels": det["labels"][i], "boxes": box_ops.clip_xyxy(det["boxes"][i], *orig[i])}
+    for i in range(len(images))
+  ]
+
+
+def test_equals_jitted_model_and_official_postprocessing(named_detector):
+  name, detector = named_detector
+  images = fixture_images(name)  # (48, 64) and (40, 52): both on the 48x64 canvas
+  found = detector(images, threshold=0.0)
+  for got, want in zip(found, reference(str(official(name + ".pth")), images, tiny_config()), strict=True):
+    assert len(got) == len(want["scores"]) == postprocess.NUM_DETECTIONS
+    np.testing.assert_array_equal([d["score"] for d in got], want["scores"])
+    np.testing.assert_array_equal([d["category_id"] for d in got], want["labels"])
+    np.testing.assert_array_equal(np.array([d["box"] for d in got], np.float32), want["boxes"])
+
+
+def test_any_sizes_counts_and_kinds(detector):
+  rng = np.random.default_rng(0)
+  sizes = [(300, 400), (400, 300), (1, 1), (20, 500), (64, 64)]
+  images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
+  found = detector(images, threshold=0.0)
+  assert len(found) == len(images)
+  for x, dets in zip(images, found, strict=True):
+    boxes = np.array([d["box"] for d in dets])
+    h, w = x.shape[:2]
+    assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert all(d["category"] == detector.name(d["category_id"]) for d in dets)
+    scores = [d["score"] for d in dets]
+    assert scores == sorted(scores, reverse=True)
+  # Each image on its own canvas: one image, a PIL image, an (N, H, W, 3) batch give what the list gave.
+  assert detector(images[1], threshold=0.0) == found[1]
+  assert detector(Image.fromarray(images[0]), threshold=0.0) == found[0]
+  assert detector(np.stack([images[0]] * 3), threshold=0.0) == [found[0]] * 3
+  assert detector(images[0], threshold=1.0) == []
+  # One compiled function per canvas used, kept across calls.
+  compiled = dict(detector._compiled)
+  assert set(compiled) == {(48, 64), (64, 48)}  # landscape and portrait; (64, 64) unused
+  detector(images, threshold=0.5)
+  assert all(detector._compiled[c] is compiled[c] for c in compiled)
+
+
+def test_mechanism_picture(detector):
+  image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+  picture = detector.mechanism(image)
+  assert picture.mode == "RGB" and max(picture.size) <= 2000
+  assert 2.2 < picture.width / picture.height < 2.7  # four 4:3 levels side by side, two rows, titles
+  small = detector.mechanism(image, max_side=600)
+  assert max(small.size) <= 600
+
+
+@pytest.mark.parametrize(
+  ("images", "error", "match"),
+  [
+    ([], ValueError, "images: the list is empty"),
+    (np.zeros((8, 8, 3), np.float32), ValueError, "image: expected dtype uint8"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 4), np.uint8)], ValueError, r"images\[1\]: expected shape"),
+    ([np.zeros((8, 8), np.uint8)], ValueError, r"images\[0\]: expected shape \(H, W, 3\)"),
+    (np.zeros((0, 8, 3), np.uint8), ValueError, "image: the image is empty"),
+    (np.zeros((2, 3), np.uint8), ValueError, r"images: expected \(H, W, 3\) or \(N, H, W, 3\)"),
+    (["photo.jpg"], TypeError, r"images\[0\]: expected a numpy array"),
+    ("photo.jpg", TypeError, "images: expected an image or a list of images, got str"),
+    (7, TypeError, "images: expected an image or a list of images"),
+  ],
+)
+def test_bad_input_names_the_argument(detector, images, error, match):
+  with pytest.raises(error, match=match):
+    detector(images)
+
+
+def test_bad_threshold_and_paths(detector, tmp_path):
+  with pytest.raises(ValueError, match="threshold"):
+    detector(np.zeros((8, 8, 3), np.uint8), threshold=1.5)
+  with pytest.raises(FileNotFoundError, match="expected an official .pth"):
+    Detector.from_checkpoint(str(tmp_path))
+  with pytest.raises(ValueError, match="batch_size"):
+    Detector(lambda c: None, {}, tiny_config().data, {}, batch_size=0)
