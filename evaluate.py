@@ -1,10 +1,10 @@
 """COCO evaluation: `python evaluate.py --config configs/NAME.py (--workdir DIR | --checkpoint PATH)`.
 
 --workdir: the latest checkpoint a training run wrote there; results go to the same workdir.
---checkpoint: a checkpoint step directory (DIR/checkpoints/STEP) or an official Sparse DETR .pth
-(its architecture comes from the .pth; the config supplies data and eval settings).
+--checkpoint: a checkpoint step directory (DIR/checkpoints/STEP), an official Sparse DETR .pth or a directory
+written by sparse_detr_jax.convert (their architecture comes with them; the config supplies data and eval settings).
 Prints the standard 12-number COCO table and writes eval_results.json / eval_metrics.json
-(with per-class AP) to --workdir (or next to --checkpoint).
+(with per-class AP) to --workdir, else the checkpoint's workdir or the directory holding it.
 """
 
 from absl import app, flags
@@ -15,7 +15,7 @@ from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "a training workdir: evaluate its latest checkpoint")
-flags.DEFINE_string("checkpoint", None, "checkpoint step directory or official .pth")
+flags.DEFINE_string("checkpoint", None, "checkpoint step directory, official .pth or converted directory")
 flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
@@ -28,7 +28,7 @@ def main(argv):
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError("give --workdir or --checkpoint")
-  model, variables, out = trainer.load_for_inference(cfg, FLAGS.workdir, FLAGS.checkpoint)
+  model, variables, _, found = trainer.load_for_inference(FLAGS.checkpoint or FLAGS.workdir, cfg)
   evaluator.evaluate(
     model,
     variables,
@@ -36,7 +36,7 @@ def main(argv):
     cfg.data,
     cfg.eval.batch_size,
     trainer.data_mesh(),
-    out,
+    FLAGS.workdir or found,
     tag="eval",
   )
 

@@ -38,6 +38,7 @@ from sparse_detr_jax.model import (
 from sparse_detr_jax.swin import relative_position_index
 
 Path = tuple[str, ...]
+CONFIG_FILE = "config.json"  # the model config beside a converted checkpoint (`save`)
 # The official argparse fields that define the architecture (see config.model_config).
 ARCH_ARGS = (
   "backbone",
@@ -348,7 +349,7 @@ def save(out_dir: str, variables: dict[str, Any], c: ml_collections.ConfigDict) 
   os.makedirs(out_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(out_dir, "variables"), variables, force=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(c.to_dict(), f, indent=2, sort_keys=True)
 
 
@@ -357,7 +358,7 @@ def load_converted(out_dir: str) -> tuple[SparseDETR, dict[str, Any], ml_collect
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   out_dir = os.path.abspath(out_dir)
-  cfg_path = os.path.join(out_dir, "config.json")
+  cfg_path = os.path.join(out_dir, CONFIG_FILE)
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: not found; expected a directory written by sparse_detr_jax.convert")
   with open(cfg_path) as f:

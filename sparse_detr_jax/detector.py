@@ -110,32 +110,10 @@ class Detector:
     the official COCO evaluation transform and canvases.
     """
     # The model code is imported here only: a Detector read `from_export` never loads it.
-    from sparse_detr_jax import convert, trainer  # pylint: disable=import-outside-toplevel
-    from sparse_detr_jax import model as model_lib  # pylint: disable=import-outside-toplevel
-    from sparse_detr_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from sparse_detr_jax import trainer  # pylint: disable=import-outside-toplevel
 
     cfg = config_lib.load_config_file(config) if isinstance(config, str | pathlib.Path) else config
-    p = pathlib.Path(path)
-    if p.suffix == ".pth":
-      model, variables, _ = convert.load_official(str(p))
-    elif (p / "variables").is_dir() and (p / "config.json").is_file():
-      model, variables, _ = convert.load_converted(str(p))
-    else:
-      if (p / "checkpoints").is_dir():
-        workdir = p
-        steps = sorted(int(s.name) for s in (p / "checkpoints").iterdir() if s.name.isdigit())
-        if not steps:
-          raise FileNotFoundError(f"{p / 'checkpoints'}: no checkpoint step directory")
-        p = p / "checkpoints" / str(steps[-1])
-      elif p.parent.name == "checkpoints" and p.name.isdigit():
-        workdir = p.parent.parent
-      else:
-        raise FileNotFoundError(
-          f"{path}: expected an official .pth, a directory written by sparse_detr_jax.convert, a training "
-          f"workdir or a checkpoint step directory WORKDIR/checkpoints/N"
-        )
-      cfg = cfg or workdir_lib.load_config(str(workdir))
-      model, variables = model_lib.build_model(cfg.model), trainer.restore_variables(str(p))
+    model, variables, cfg, _ = trainer.load_for_inference(str(path), cfg)
     return cls.from_model(model, variables, cfg.data if cfg else None, batch_size)
 
   @classmethod

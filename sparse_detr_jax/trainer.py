@@ -160,21 +160,37 @@ def restore_variables(path: str) -> dict:
 
 
 def load_for_inference(
-  cfg: ml_collections.ConfigDict, workdir: str | None = None, checkpoint: str | None = None
-) -> tuple[Any, dict, str]:
-  """(model, variables, output directory) from `checkpoint` (a step directory or an official .pth, whose
-  architecture then comes from the .pth) or else the latest checkpoint of the training run in `workdir`."""
-  if checkpoint and checkpoint.endswith(".pth"):
-    model, variables, _ = convert.load_official(checkpoint)
-    return model, variables, workdir or os.path.dirname(os.path.abspath(checkpoint))
-  if not checkpoint:
-    if not workdir:
-      raise ValueError("give a workdir or a checkpoint")
-    with contextlib.closing(checkpoint_manager(workdir, keep=1)) as mngr:
+  path: str, cfg: ml_collections.ConfigDict | None = None
+) -> tuple[Any, dict, ml_collections.ConfigDict | None, str]:
+  """(model, variables, config, directory) of any checkpoint this project reads, for inference.
+
+  path: an official .pth (architecture from its args), a directory written by `convert.save`, a training
+  workdir (its latest complete checkpoint) or one of its step directories WORKDIR/checkpoints/N, whose model
+  comes from `cfg` or else the workdir's config.json. Returns `cfg`, or for a training checkpoint without one
+  the workdir's config; directory: the training workdir, else the directory holding the weights.
+  """
+  p = pathlib.Path(path).absolute()
+  if p.suffix == ".pth":
+    model, variables, _ = convert.load_official(str(p))
+    return model, variables, cfg, str(p.parent)
+  if (p / "variables").is_dir() and (p / convert.CONFIG_FILE).is_file():
+    model, variables, _ = convert.load_converted(str(p))
+    return model, variables, cfg, str(p)
+  if (p / "checkpoints").is_dir():
+    workdir = p
+    with contextlib.closing(checkpoint_manager(str(p), keep=1)) as mngr:
       if mngr.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
-      checkpoint = str(pathlib.Path(mngr.directory) / str(mngr.latest_step()))
-  return model_lib.build_model(cfg.model), restore_variables(checkpoint), workdir or checkpoint
+        raise FileNotFoundError(f"{mngr.directory}: no complete checkpoint step directory")
+      p = pathlib.Path(mngr.directory) / str(mngr.latest_step())
+  elif p.parent.name == "checkpoints" and p.name.isdigit():
+    workdir = p.parent.parent
+  else:
+    raise FileNotFoundError(
+      f"{path}: expected an official .pth, a directory written by sparse_detr_jax.convert, a training workdir "
+      "or a checkpoint step directory WORKDIR/checkpoints/N"
+    )
+  cfg = cfg or workdir_lib.load_config(str(workdir))
+  return model_lib.build_model(cfg.model), restore_variables(str(p)), cfg, str(workdir)
 
 
 def write_pictures(
