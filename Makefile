@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 PIP := $(BIN)/pip install -q -c $(LOCK)
 
-.PHONY: install install-bench test lint format lock demo clean
+.PHONY: install install-bench install-peer test lint format lock demo clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,17 @@ $(VENV)/.installed: setup.py $(LOCK)
 # The PyTorch peer for benchmarks/peer_hf.py (transformers), at the locked versions.
 install-bench: install
 	$(PIP) --no-build-isolation -e '.[bench]'
+
+# The official Sparse DETR's own Python for benchmarks/peer_official.py and its smoke test (torch 2.14.1 +
+# torchvision 0.29.1 and what the official modules import, pinned in benchmarks/peer-requirements.txt).
+PEER_VENV := .peer-venv
+PEER_LOCK := benchmarks/peer-requirements.txt
+install-peer: $(PEER_VENV)/.installed
+
+$(PEER_VENV)/.installed: $(PEER_LOCK)
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q -r $(PEER_LOCK)
+	touch $@
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15 tests
@@ -54,4 +65,4 @@ demo: install
 	    --threshold 0.3 --mechanism --out $(DEMO)/pictures $$(ls data/shapes/val/*.jpg | head -n 8)
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) .jax_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(PEER_VENV) .jax_cache .pytest_cache *.egg-info

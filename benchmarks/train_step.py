@@ -24,8 +24,9 @@ CASES = {  # name: (config file, canvas (h, w), per-device batch)
 }
 
 
-def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: int) -> tuple[float, float]:
-  """(first step incl. compilation, warm step) seconds of the config's train step on a random batch."""
+def step_seconds(config, hw: tuple[int, int], per_device: int, steps: int) -> tuple[float, float]:
+  """(first step incl. compilation, warm step) seconds of a config's (file or ConfigDict) train step on a random
+  batch."""
   import jax
   import numpy as np
 
@@ -34,7 +35,7 @@ def step_seconds(config_path: str, hw: tuple[int, int], per_device: int, steps: 
   from sparse_detr_jax import model as model_lib
 
   (h, w) = hw
-  cfg = config_lib.load_config_file(config_path)
+  cfg = config_lib.load_config_file(config) if isinstance(config, str) else config.copy_and_resolve_references()
   cfg.train.batch_size = per_device
   n = per_device * jax.device_count()
   mesh = trainer.data_mesh()

@@ -1,0 +1,204 @@
+"""The official Sparse DETR (PyTorch) half of benchmarks/peer_official.py. It runs in the peer's Python (PyTorch
++ torchvision, e.g. `make install-peer`), never imports JAX, and talks to peer_official.py through files:
+
+    PEER_PYTHON benchmarks/official_side.py SPEC.json
+
+SPEC.json: {"src": a patched copy of the official source, "device": "cpu" | "cuda", "threads", "iters",
+"rows": [{"name", "args": official argparse values}], "forward": {"batches", "inputs": NPZ}, "train":
+{"batch", "height", "width", "boxes"}, "out": DIR}. For each row it builds the official model and criterion
+from the official argparse defaults plus the row's values (`models.build_model`, seed 0, random weights),
+saves them as DIR/NAME.pth in the official checkpoint format (for our side to convert), runs the forward on
+the inputs (DIR/NAME_outputs.npz: pred_logits, pred_boxes), times the forward at each batch size
+(inference mode) and the official training step (the engine's: weighted criterion sum, backward,
+clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups). Writes DIR/official.json.
+
+On a GPU the deformable attention is the official CUDA kernel, compiled from models/ops/src; on a CPU the
+official pure-PyTorch path (`python_ops_for_test`, which the official code uses to check its kernel).
+"""
+
+import argparse
+import ast
+import json
+import pathlib
+import sys
+import time
+import types
+import warnings
+
+import numpy as np
+import torch
+
+
+def official_args(src: pathlib.Path, values: dict) -> argparse.Namespace:
+  """The official main.py's argparse defaults with `values` set (main.py itself is not imported: its
+  module-level imports need the training stack; only its get_args_parser function is executed)."""
+  tree = ast.parse((src / "main.py").read_text())
+  fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_args_parser")
+  namespace: dict = {"argparse": argparse, "np": np}  # what get_args_parser uses from main.py's imports
+  exec(compile(ast.Module([fn], []), str(src / "main.py"), "exec"), namespace)
+  args = namespace["get_args_parser"]().parse_args([])
+  unknown = set(values) - set(vars(args))
+  if unknown:
+    raise SystemExit(f"official_side: not official arguments: {sorted(unknown)}")
+  vars(args).update(values)
+  return args
+
+
+def deformable_kernel(src: pathlib.Path, device: str) -> types.ModuleType:
+  """The module the official code imports as MultiScaleDeformableAttention: on a GPU the official CUDA/C++
+  extension compiled from models/ops/src; on a CPU a placeholder that is never called (see use_python_path)."""
+  if device == "cpu":
+    module = types.ModuleType("MultiScaleDeformableAttention")
+
+    def unavailable(*_args, **_kwargs):
+      raise RuntimeError("the official CUDA kernel is not built on a CPU run")
+
+    module.ms_deform_attn_forward = module.ms_deform_attn_backward = unavailable
+    return module
+  from torch.utils import cpp_extension  # pylint: disable=import-outside-toplevel
+
+  ops = src / "models" / "ops" / "src"
+  sources = [ops / "vision.cpp", *sorted((ops / "cpu").glob("*.cpp")), *sorted((ops / "cuda").glob("*.cu"))]
+  return cpp_extension.load(  # the flags of the official models/ops/setup.py
+    "MultiScaleDeformableAttention",
+    [str(s) for s in sources],
+    extra_include_paths=[str(ops)],
+    extra_cflags=["-DWITH_CUDA"],
+    extra_cuda_cflags=[
+      "-DWITH_CUDA",
+      "-DCUDA_HAS_FP16=1",
+      "-D__CUDA_NO_HALF_OPERATORS__",
+      "-D__CUDA_NO_HALF_CONVERSIONS__",
+      "-D__CUDA_NO_HALF2_OPERATORS__",
+    ],
+    build_directory=str(src.parent / "kernel-build"),
+    verbose=False,
+  )
+
+
+def no_pretrained_download() -> None:
+  """torchvision's ResNet-50 with random weights: the official backbone asks for ImageNet weights (a download);
+  frozen stem and layer1 stay as official (they depend on the flags, not on the weights)."""
+  import torchvision  # pylint: disable=import-outside-toplevel
+
+  resnet50 = torchvision.models.resnet50
+
+  def random_resnet50(*, pretrained: bool = False, **kwargs):
+    del pretrained
+    return resnet50(weights=None, **kwargs)
+
+  torchvision.models.resnet50 = random_resnet50
+
+
+def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
+  """main.py's AdamW groups: backbone (lr_backbone), sampling offsets / reference points (lr x lr_linear_proj_mult),
+  the rest (lr); frozen parameters excluded."""
+
+  def matches(name: str, keys: list[str]) -> bool:
+    return any(k in name for k in keys)
+
+  groups: dict[str, list] = {"base": [], "backbone": [], "linear_proj": []}
+  for name, p in model.named_parameters():
+    if not p.requires_grad:
+      continue
+    if matches(name, args.lr_linear_proj_names):
+      groups["linear_proj"].append(p)
+    elif matches(name, args.lr_backbone_names):
+      groups["backbone"].append(p)
+    else:
+      groups["base"].append(p)
+  return [
+    {"params": groups["base"], "lr": args.lr},
+    {"params": groups["backbone"], "lr": args.lr_backbone},
+    {"params": groups["linear_proj"], "lr": args.lr * args.lr_linear_proj_mult},
+  ]
+
+
+def timed(fn, iters: int, sync) -> float:
+  fn()  # warm-up
+  sync()
+  start = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  sync()
+  return (time.perf_counter() - start) / iters
+
+
+def measure_row(spec: dict, row: dict, inputs) -> dict:
+  """Build, save and run one row's official model: its outputs on the inputs (saved) and its times."""
+  from models import build_model  # pylint: disable=import-outside-toplevel
+  from util.misc import NestedTensor  # pylint: disable=import-outside-toplevel
+
+  src, out, device = pathlib.Path(spec["src"]), pathlib.Path(spec["out"]), torch.device(spec["device"])
+  sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+  args = official_args(src, {**row["args"], "device": spec["device"]})
+  torch.manual_seed(0)
+  model, criterion, _ = build_model(args)
+  model.to(device)
+  for m in model.modules():  # the official switch between its CUDA kernel and its PyTorch reference path
+    if hasattr(m, "python_ops_for_test"):
+      m.python_ops_for_test = device.type == "cpu"
+  torch.save({"model": model.state_dict(), "args": args}, out / f"{row['name']}.pth")
+
+  model.eval()
+  images = torch.from_numpy(inputs["images"]).to(device)  # (B, 3, H, W)
+  mask = torch.from_numpy(inputs["mask"]).to(device)  # (B, H, W), True on padding
+  times = {}
+  with torch.inference_mode():
+    o = model(NestedTensor(images[:1], mask[:1]))
+    np.savez(
+      out / f"{row['name']}_outputs.npz",
+      pred_logits=o["pred_logits"].float().cpu().numpy(),
+      pred_boxes=o["pred_boxes"].float().cpu().numpy(),
+    )
+    for b in spec["forward"]["batches"]:
+      times[f"forward_b{b}"] = timed(lambda b=b: model(NestedTensor(images[:b], mask[:b])), spec["iters"], sync)
+
+  t, k = spec["train"], spec["train"]["boxes"]
+  g = torch.Generator().manual_seed(0)
+  x = torch.randn(t["batch"], 3, t["height"], t["width"], generator=g).to(device)
+  pad = torch.zeros(t["batch"], t["height"], t["width"], dtype=torch.bool, device=device)
+  targets = [
+    {
+      "labels": torch.randint(1, 91, (k,), generator=g).to(device),
+      "boxes": torch.cat(
+        [0.2 + 0.6 * torch.rand(k, 2, generator=g), 0.05 + 0.25 * torch.rand(k, 2, generator=g)], 1
+      ).to(device),
+    }
+    for _ in range(t["batch"])
+  ]
+  model.train()
+  criterion.train()
+  opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
+
+  def step():  # engine.train_one_epoch's step
+    loss_dict = criterion(model(NestedTensor(x, pad)), targets)
+    loss = sum(loss_dict[n] * w for n, w in criterion.weight_dict.items() if n in loss_dict)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+    opt.step()
+
+  times["train"] = timed(step, spec["iters"], sync)
+  return times
+
+
+def main() -> None:
+  spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
+  src = pathlib.Path(spec["src"])
+  torch.set_num_threads(spec["threads"])
+  warnings.filterwarnings("ignore", category=FutureWarning)  # timm's and torchvision's deprecation notices
+  sys.path.insert(0, str(src))
+  sys.modules["MultiScaleDeformableAttention"] = deformable_kernel(src, spec["device"])
+  no_pretrained_download()
+  inputs = np.load(spec["forward"]["inputs"])
+  cuda = spec["device"] == "cuda"
+  result = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else ""}
+  for row in spec["rows"]:
+    result[row["name"]] = times = measure_row(spec, row, inputs)
+    print(f"official {row['name']}: " + ", ".join(f"{n} {s:.3f} s" for n, s in times.items()), flush=True)
+  (pathlib.Path(spec["out"]) / "official.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

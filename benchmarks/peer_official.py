@@ -1,0 +1,192 @@
+"""This project against the official Sparse DETR (Kakao Brain's PyTorch code, the paper's numbers), in one run on
+one machine: the same weights on the same images.
+
+    make install-peer      # .peer-venv: torch 2.14.1 + torchvision 0.29.1, what the official code imports
+    .venv/bin/python benchmarks/peer_official.py --official ../shared/official-src/sparse-detr
+
+Rows: rho 0 (configs/r50_efficient_detr.py: Deformable DETR + top-k queries + box refinement) and rho 0.1
+(configs/r50_sparse_detr_rho_0.1.py); `--rows NAME=CONFIG,...` picks others. For each row the official model
+is built from the official argparse defaults plus the config's architecture (benchmarks/official_side.py, in
+the peer's Python), saved as an official .pth and converted (sparse_detr_jax.convert); the two forwards on one
+random image give `max_abs_diff` (logits and boxes). Timed, warm, `--iters` times each: the forward in
+inference mode at batch 1 and 4 (--height x --width) and the training step at --train-batch (official:
+its criterion, backward, clip, AdamW; ours: the jitted trainer.make_train_step of the config, 10 boxes per
+image both). On a GPU the official model uses its CUDA kernel (compiled from the copy, below); on a CPU its
+pure-PyTorch path, both with every core (torch threads = JAX's = cpu count).
+
+The official source is run from a temporary copy with the fixes today's PyTorch needs (printed; the code
+itself is never copied into this project). Speed-up = official time / ours (> 1: ours is faster).
+Last line: device=<cpu|gpu> fwd_b4_speedup_<row>=<x> ... train_speedup_<row>=<x> ... max_abs_diff=<x>.
+"""
+
+import argparse
+import ast
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import train_step
+
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import convert
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROWS = "rho0=configs/r50_efficient_detr.py,rho0.1=configs/r50_sparse_detr_rho_0.1.py"
+PEER_VENV_PYTHON = ROOT / ".peer-venv" / "bin" / "python"
+# (file pattern, regex, replacement, why): what today's PyTorch / torchvision need in the official source.
+FIXES = (
+  (
+    "util/misc.py",
+    r"float\(torchvision\.__version__\[:3\]\) < (\d)\.(\d)",
+    r"tuple(map(int, torchvision.__version__.split('+')[0].split('.')[:2])) < (\1, \2)",
+    "torchvision's version read from its first 3 characters: '0.29.1' as 0.2",
+  ),
+  ("models/ops/src/**/*", r"(\w+)\.type\(\)\.is_cuda\(\)", r"\1.is_cuda()", "Tensor::type() removed"),
+  (
+    "models/ops/src/**/*",
+    r"AT_DISPATCH_FLOATING_TYPES\((\w+)\.type\(\)",
+    r"AT_DISPATCH_FLOATING_TYPES(\1.scalar_type()",
+    "Tensor::type() removed",
+  ),
+  ("models/ops/src/**/*", r"\.data<", ".data_ptr<", "Tensor::data<T>() removed"),
+  ("models/ops/src/**/*", r"#include <THC/THCAtomics.cuh>", "#include <ATen/cuda/Atomic.cuh>", "THC removed"),
+)
+
+
+def patched_copy(official: pathlib.Path, dest: pathlib.Path) -> list[str]:
+  """Copy the official source to dest and apply FIXES; returns what changed, one line per file and fix."""
+  if not (official / "models" / "deformable_detr.py").is_file():
+    raise SystemExit(f"--official {official}: not the official Sparse DETR source (no models/deformable_detr.py)")
+  shutil.copytree(official, dest, ignore=shutil.ignore_patterns(".git", "figs", "*.pth"))
+  applied = []
+  for pattern, regex, replacement, why in FIXES:
+    for path in sorted(dest.glob(pattern)):
+      if not path.is_file():
+        continue
+      text = path.read_text()
+      new, n = re.subn(regex, replacement, text)
+      if n:
+        path.write_text(new)
+        applied.append(f"{path.relative_to(dest)}: {n} x {why}")
+  return applied
+
+
+def official_values(model_cfg) -> dict:
+  """The official argparse values of a model config (the fields convert reads back from a checkpoint)."""
+  if model_cfg.num_classes != 91:
+    raise SystemExit(f"model.num_classes={model_cfg.num_classes}: the official COCO model has 91")
+  if model_cfg.backbone not in ("resnet50", "none"):
+    raise SystemExit(f"model.backbone={model_cfg.backbone!r}: this benchmark builds resnet50 or none")
+  return {k: model_cfg[k] for k in convert.ARCH_ARGS}
+
+
+def timed(fn, iters: int) -> float:
+  jax.block_until_ready(fn())  # compile + warm-up
+  start = time.perf_counter()
+  for _ in range(iters):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / iters
+
+
+def ours(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.ndarray, a) -> dict:
+  """Our forward on the official weights (converted), its difference from the official outputs, and times."""
+  model, variables, converted = convert.load_official(str(out / f"{name}.pth"))
+  for k in (*convert.ARCH_ARGS, "num_classes"):
+    if converted[k] != cfg.model[k]:
+      raise SystemExit(f"row {name}: the official model's {k}={converted[k]!r}, the config's {cfg.model[k]!r}")
+  apply = jax.jit(model.apply)
+  x = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # NCHW -> NHWC
+  o = apply(variables, x[:1], mask[:1])
+  ref = np.load(out / f"{name}_outputs.npz")
+  diff = {k: float(np.abs(np.asarray(o[k]) - ref[k]).max()) for k in ("pred_logits", "pred_boxes")}
+  times = {f"forward_b{b}": timed(lambda b=b: apply(variables, x[:b], mask[:b]), a.iters) for b in a.batches}
+  times["train"] = train_step.step_seconds(cfg, (a.train_height, a.train_width), a.train_batch, a.iters)[1]
+  return {**times, **{f"diff_{k}": v for k, v in diff.items()}}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--official", required=True, help="the official Sparse DETR source directory")
+  p.add_argument("--peer-python", default=None, help="a Python with torch + torchvision (default: .peer-venv's)")
+  p.add_argument("--rows", default=ROWS, help="NAME=CONFIG,... (model.num_classes 91, resnet50 or none backbone)")
+  p.add_argument("--set", action="append", default=[], help="KEY=VALUE config override for every row (repeatable)")
+  p.add_argument("--height", type=int, default=800)
+  p.add_argument("--width", type=int, default=1066)
+  p.add_argument("--batches", default="1,4", help="forward batch sizes")
+  p.add_argument("--train-height", type=int, default=None, help="default 800 on a GPU, 384 on a CPU")
+  p.add_argument("--train-width", type=int, default=None, help="default 1333 on a GPU, 512 on a CPU")
+  p.add_argument("--train-batch", type=int, default=2)
+  p.add_argument("--iters", type=int, default=3)
+  a = p.parse_args()
+  a.batches = [int(b) for b in a.batches.split(",")]
+  gpu = jax.default_backend() == "gpu"
+  a.train_height = a.train_height or (800 if gpu else 384)
+  a.train_width = a.train_width or (1333 if gpu else 512)
+  if jax.device_count() != 1:
+    raise SystemExit("run with one JAX device (the official model uses one)")
+  peer = pathlib.Path(a.peer_python or (PEER_VENV_PYTHON if PEER_VENV_PYTHON.exists() else sys.executable))
+  rows = {}
+  for item in a.rows.split(","):
+    name, _, path = item.partition("=")
+    rows[name] = config_lib.load_config_file(str(ROOT / path) if not os.path.isabs(path) else path)
+    rows[name].update_from_flattened_dict({k: ast.literal_eval(v) for k, v in (x.split("=", 1) for x in a.set)})
+
+  with tempfile.TemporaryDirectory(prefix="peer_official_") as tmp:
+    tmp = pathlib.Path(tmp)
+    fixes = patched_copy(pathlib.Path(a.official), tmp / "src")
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(max(a.batches), 3, a.height, a.width)).astype(np.float32)
+    mask = np.zeros((max(a.batches), a.height, a.width), bool)
+    np.savez(tmp / "inputs.npz", images=images, mask=mask)
+    spec = {
+      "src": str(tmp / "src"),
+      "out": str(tmp),
+      "device": "cuda" if gpu else "cpu",
+      "threads": os.cpu_count(),
+      "iters": a.iters,
+      "rows": [{"name": n, "args": official_values(c.model)} for n, c in rows.items()],
+      "forward": {"batches": a.batches, "inputs": str(tmp / "inputs.npz")},
+      "train": {"batch": a.train_batch, "height": a.train_height, "width": a.train_width, "boxes": 10},
+    }
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run([str(peer), str(ROOT / "benchmarks" / "official_side.py"), str(tmp / "spec.json")])
+    if run.returncode:
+      raise SystemExit(f"the official side failed (exit {run.returncode}) in {peer}; see above")
+    official = json.loads((tmp / "official.json").read_text())
+    mine = {n: ours(n, c, tmp, images, mask, a) for n, c in rows.items()}
+
+  print("fixes applied to the official copy:" + "".join(f"\n  {f}" for f in fixes) if fixes else "no fixes applied")
+  print(
+    f"device: JAX {jax.devices()[0].device_kind} ({jax.default_backend()}), official torch {official['torch']} "
+    f"{official['device_name'] or f'CPU x{os.cpu_count()}'}; forward {a.height}x{a.width}, train step "
+    f"{a.train_height}x{a.train_width} batch {a.train_batch}; warm means of {a.iters}"
+  )
+  print("| row | what | official s | ours s | speed-up |\n|---|---|---|---|---|")
+  last = {}
+  for n in rows:
+    for what in [f"forward_b{b}" for b in a.batches] + ["train"]:
+      speedup = official[n][what] / mine[n][what]
+      print(f"| {n} | {what} | {official[n][what]:.3f} | {mine[n][what]:.3f} | {speedup:.2f}x |")
+      if what in ("forward_b4", "train"):
+        last[f"{'fwd_b4' if what != 'train' else 'train'}_speedup_{n}"] = speedup
+  diff = max(v for m in mine.values() for k, v in m.items() if k.startswith("diff_"))
+  for n, m in mine.items():
+    print(f"{n}: max |official - ours| logits {m['diff_pred_logits']:.2e}, boxes {m['diff_pred_boxes']:.2e}")
+  print(
+    f"device={'gpu' if gpu else 'cpu'} "
+    + " ".join(f"{k}={v:.3f}" for k, v in last.items())
+    + f" max_abs_diff={diff:.3e}"
+  )
+
+
+if __name__ == "__main__":
+  main()
