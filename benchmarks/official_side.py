@@ -8,9 +8,9 @@ SPEC.json: {"src": a patched copy of the official source, "device": "cpu" | "cud
 {"batch", "height", "width", "boxes"}, "out": DIR}. For each row it builds the official model and criterion
 from the official argparse defaults plus the row's values (`models.build_model`, seed 0, random weights),
 saves them as DIR/NAME.pth in the official checkpoint format (for our side to convert), runs the forward on
-the inputs (DIR/NAME_outputs.npz: pred_logits, pred_boxes), times the forward at each batch size
-(inference mode) and the official training step (the engine's: weighted criterion sum, backward,
-clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups). Writes DIR/official.json.
+the first input image (DIR/NAME_outputs.npz: outputs, scoring logits, kept tokens, two-stage outputs), times
+the forward at each batch size (inference mode) and the official training step (the engine's: weighted
+criterion sum, backward, clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups). Writes DIR/official.json.
 
 On a GPU the deformable attention is the official CUDA kernel, compiled from models/ops/src; on a CPU the
 official pure-PyTorch path (`python_ops_for_test`, which the official code uses to check its kernel).
@@ -146,11 +146,13 @@ def measure_row(spec: dict, row: dict, inputs) -> dict:
   times = {}
   with torch.inference_mode():
     o = model(NestedTensor(images[:1], mask[:1]))
-    np.savez(
-      out / f"{row['name']}_outputs.npz",
-      pred_logits=o["pred_logits"].float().cpu().numpy(),
-      pred_boxes=o["pred_boxes"].float().cpu().numpy(),
-    )
+    keep = {
+      k: o[k] for k in ("pred_logits", "pred_boxes", "backbone_mask_prediction", "backbone_topk_proposals") if k in o
+    }
+    keep.update(enc_logits=o["enc_outputs"]["pred_logits"], enc_boxes=o["enc_outputs"]["pred_boxes"])
+    if "sparse_token_nums" in o:
+      keep["sparse_token_nums"] = torch.as_tensor(o["sparse_token_nums"])
+    np.savez(out / f"{row['name']}_outputs.npz", **{k: v.cpu().numpy() for k, v in keep.items()})
     for b in spec["forward"]["batches"]:
       times[f"forward_b{b}"] = timed(lambda b=b: model(NestedTensor(images[:b], mask[:b])), spec["iters"], sync)
 

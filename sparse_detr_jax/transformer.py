@@ -40,21 +40,30 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, ratios: jnp.ndarray)
   return ref[:, :, None] * ratios[:, None]  # (B, N, L, 2)
 
 
+def token_centres(n: int) -> np.ndarray:
+  """(n + 1, n) float32: row v holds the centres (i + 0.5) / v of tokens i of a level whose valid extent is v
+  tokens (row 0 unused), each correctly rounded, as PyTorch divides. XLA:CPU divides a vector by a scalar as
+  a multiplication by the reciprocal, 1 ulp off (49.5 / 50 gives 0.98999995, not 0.99), which moves tokens across
+  the proposals' 0.01 / 0.99 validity bounds: at an 800-pixel-high canvas the last row of level 1."""
+  i = np.arange(n, dtype=np.float32)[None] + np.float32(0.5)
+  return i / np.maximum(np.arange(n + 1, dtype=np.float32), 1)[:, None]
+
+
 def encoder_proposals(padding_mask: jnp.ndarray, spatial_shapes: SpatialShapes) -> tuple[jnp.ndarray, jnp.ndarray]:
   """A box proposal for every token (official `gen_encoder_output_proposals`, geometry part).
 
-  Centre ((x + 0.5) / valid_w, (y + 0.5) / valid_h), size 0.05 * 2**level. padding_mask: (B, N).
-  Returns proposals (B, N, 4) unsigmoided (+inf on padded or invalid tokens) and valid (B, N) bool.
+  Centre ((x + 0.5) / valid_w, (y + 0.5) / valid_h) (from `token_centres`), size 0.05 * 2**level.
+  padding_mask: (B, N). Returns proposals (B, N, 4) unsigmoided (+inf on padded or invalid tokens) and
+  valid (B, N) bool.
   """
   b = padding_mask.shape[0]
   props, start = [], 0
   for lvl, (h, w) in enumerate(spatial_shapes):
     m = padding_mask[:, start : start + h * w].reshape(b, h, w)
-    vh = jnp.sum(~m[:, :, 0], axis=1).astype(jnp.float32)
-    vw = jnp.sum(~m[:, 0, :], axis=1).astype(jnp.float32)
-    ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
-    cx = (xs.reshape(-1)[None] + 0.5) / vw[:, None]  # (B, h*w)
-    cy = (ys.reshape(-1)[None] + 0.5) / vh[:, None]
+    vh = jnp.sum(~m[:, :, 0], axis=1)  # (B,) valid rows
+    vw = jnp.sum(~m[:, 0, :], axis=1)  # (B,) valid columns
+    cx = jnp.broadcast_to(jnp.asarray(token_centres(w))[vw][:, None, :], (b, h, w)).reshape(b, -1)  # (B, h*w)
+    cy = jnp.broadcast_to(jnp.asarray(token_centres(h))[vh][:, :, None], (b, h, w)).reshape(b, -1)
     wh = jnp.full_like(cx, PROPOSAL_BASE_SIZE * 2.0**lvl)
     props.append(jnp.stack([cx, cy, wh, wh], -1))
     start += h * w

@@ -10,6 +10,7 @@ from conftest import load_npz, official
 
 from sparse_detr_jax import config, convert
 from sparse_detr_jax import model as model_lib
+from sparse_detr_jax import transformer
 
 ATOL = 1e-4
 
@@ -172,3 +173,22 @@ def test_bad_inputs_are_clear_errors():
     m.apply(v, x.astype(jnp.uint8), mask)
   with pytest.raises(ValueError, match="fewer than model.num_queries"):
     m.apply(v, x[:, :2, :2], mask[:, :2, :2])
+
+
+@pytest.mark.parametrize("valid_rows", [50, 37])
+def test_proposal_validity_at_the_bounds_is_the_officials(valid_rows):
+  """An 800-pixel-high canvas gives level 1 fifty rows: the last centre, 49.5 / 50, is 0.99 exactly and so invalid
+  (the official bound is strict). XLA:CPU's vector division gave 0.98999995 (valid), which changed the scoring
+  network's global context and the kept tokens at full COCO size. Reference: the official formula in float32."""
+  h, w = 50, 67
+  mask = np.ones((2, h, w), bool)
+  mask[0] = False  # no padding
+  mask[1, :valid_rows, :60] = False  # padded canvas: 60 valid columns
+  props, valid = transformer.encoder_proposals(jnp.asarray(mask.reshape(2, -1)), [(h, w)])
+  for b, (vh, vw) in enumerate([(h, w), (valid_rows, 60)]):
+    ys, xs = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    cx, cy = (xs + np.float32(0.5)) / np.float32(vw), (ys + np.float32(0.5)) / np.float32(vh)
+    expected = (cx > 0.01) & (cx < 0.99) & (cy > 0.01) & (cy < 0.99) & ~mask[b]
+    np.testing.assert_array_equal(np.asarray(valid[b]).reshape(h, w), expected)
+    np.testing.assert_array_equal(np.isinf(np.asarray(props[b])).any(-1).reshape(h, w), ~expected)
+  assert not np.asarray(valid[0]).reshape(h, w)[49].any()  # the row the vector division had let in
