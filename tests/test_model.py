@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from conftest import load_npz, official
 
-from sparse_detr_jax import config, convert
+from sparse_detr_jax import config, convert, transformer
 from sparse_detr_jax import model as model_lib
-from sparse_detr_jax import transformer
 
 ATOL = 1e-4
 
