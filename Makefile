@@ -22,7 +22,8 @@ install-bench: install
 
 # The official Sparse DETR's own Python for benchmarks/peer_official.py and its smoke test (torch 2.14.1 +
 # torchvision 0.29.1 and what the official modules import, pinned in benchmarks/peer-requirements.txt).
-PEER_VENV := .peer-venv
+# PEER_VENV may point elsewhere (.ci/run keeps it in the user cache, keyed by the lock's hash: ~6 GB, minutes).
+PEER_VENV ?= .peer-venv
 PEER_LOCK := benchmarks/peer-requirements.txt
 install-peer: $(PEER_VENV)/.installed
 

@@ -24,9 +24,9 @@ CASES = {  # name: (config file, canvas (h, w), per-device batch)
 }
 
 
-def step_seconds(config, hw: tuple[int, int], per_device: int, steps: int) -> tuple[float, float]:
-  """(first step incl. compilation, warm step) seconds of a config's (file or ConfigDict) train step on a random
-  batch."""
+def random_step(config, hw: tuple[int, int], per_device: int):
+  """(jitted train step, step-0 state, batch) of a config (file or ConfigDict) on a random batch of canvas hw with
+  10 boxes per image (fewer if data.max_boxes is smaller)."""
   import jax
   import numpy as np
 
@@ -58,7 +58,15 @@ def step_seconds(config, hw: tuple[int, int], per_device: int, steps: int) -> tu
       "box_valid": np.arange(m)[None].repeat(n, 0) < k,
     },
   )
-  step = trainer.make_train_step(model, cfg, tx, mesh, schedules)
+  return trainer.make_train_step(model, cfg, tx, mesh, schedules), state, batch
+
+
+def step_seconds(config, hw: tuple[int, int], per_device: int, steps: int) -> tuple[float, float]:
+  """(first step incl. compilation, warm step) seconds of a config's (file or ConfigDict) train step on a random
+  batch."""
+  import jax
+
+  step, state, batch = random_step(config, hw, per_device)
   start = time.perf_counter()
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_detr_jax import layers
 from sparse_detr_jax.swin import SwinTransformer
 
 BN_EPS = 1e-5
@@ -53,7 +54,11 @@ class FrozenBatchNorm(nn.Module):
     return x * scale.astype(x.dtype) + shift.astype(x.dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Module:
+  if kernel == 1:
+    return layers.PointwiseConv(
+      features, stride, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype, name=name
+    )
   pad = kernel // 2  # torch-style explicit padding, not 'SAME'
   return nn.Conv(
     features,

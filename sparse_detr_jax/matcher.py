@@ -149,7 +149,8 @@ def assign(cost: jnp.ndarray, row_valid: jnp.ndarray, col_valid: jnp.ndarray, so
 
 def match(logits: jnp.ndarray, boxes: jnp.ndarray, targets: Any, slot_valid: jnp.ndarray, cfg: Any) -> jnp.ndarray:
   """Hungarian matching of one prediction set: (B, M) prediction index per target (-1 = padded target)."""
-  cost = matching_cost(
-    logits, boxes, targets["labels"], targets["boxes"], cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou
-  )
-  return assign(cost, slot_valid, targets["valid"], cfg.matcher)
+  with jax.named_scope("matcher"):  # profiles attribute the cost and the solver here
+    cost = matching_cost(
+      logits, boxes, targets["labels"], targets["boxes"], cfg.set_cost_class, cfg.set_cost_bbox, cfg.set_cost_giou
+    )
+    return assign(cost, slot_valid, targets["valid"], cfg.matcher)

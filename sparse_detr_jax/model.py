@@ -52,17 +52,19 @@ class InputProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    k, s, p = (3, 2, 1) if self.downsample else (1, 1, 0)
-    x = nn.Conv(
-      self.hidden_dim,
-      (k, k),
-      strides=(s, s),
-      padding=((p, p), (p, p)),
-      kernel_init=layers.xavier_uniform,
-      bias_init=nn.initializers.zeros,
-      dtype=self.dtype,
-      name="conv",
-    )(x)
+    if self.downsample:
+      x = nn.Conv(
+        self.hidden_dim,
+        (3, 3),
+        strides=(2, 2),
+        padding=((1, 1), (1, 1)),
+        kernel_init=layers.xavier_uniform,
+        bias_init=nn.initializers.zeros,
+        dtype=self.dtype,
+        name="conv",
+      )(x)
+    else:
+      x = layers.PointwiseConv(self.hidden_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype, name="conv")(x)
     return layers.group_norm("norm", self.dtype)(x)
 
 

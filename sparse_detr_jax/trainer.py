@@ -101,14 +101,16 @@ def make_train_step(
       out = model.apply(
         {"params": params, **state.constants}, batch["image"], batch["padding_mask"], train=True, rngs={"dropout": rng}
       )
-      ld = losses.compute(out, targets, cfg, axis_name="data")
+      with jax.named_scope("losses"):  # named scopes: benchmarks/profile_step.py attributes time by them
+        ld = losses.compute(out, targets, cfg, axis_name="data")
       return jax.lax.pmean(losses.total(ld, cfg), "data"), ld
 
     (loss, ld), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     labels = optim.param_labels(grads, cfg.model.backbone, cfg.train.freeze_early_backbone)
     gnorm = optax.tree.norm(jax.tree.map(lambda g, l: g if l != "frozen" else jnp.zeros_like(g), grads, labels))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     apply = ok & (state.first_nonfinite < 0) if stop else ok
     new = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, state.replace(step=state.step + 1))
