@@ -32,7 +32,7 @@ setup(
   extras_require={
     # CPU build of PyTorch, only to read official .pth checkpoints.
     "convert": ["torch==2.13.0"],
-    "test": ["pytest>=8,<10", "torch==2.13.0"],
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "torch==2.13.0"],
     "lint": ["ruff>=0.17,<0.18"],
     # The PyTorch peer for benchmarks/peer_hf.py.
     "bench": ["torch==2.13.0", "transformers==5.23.0"],

@@ -312,7 +312,7 @@ def test_two_hosts_preempted_and_resumed_train_like_one_host(data_dir, tmp_path)
     errs = [p.communicate(timeout=900)[1] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], "\n--- process 1:\n".join(e[-2500:] for e in errs)
   subprocess.run(
-    train_cmd(data_dir, tmp_path / "one_host") + args,
+    train_cmd(data_dir, tmp_path / "one_host", checkpoint_every=1000) + args,
     cwd=ROOT,
     check=True,
     capture_output=True,
