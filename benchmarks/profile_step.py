@@ -48,7 +48,8 @@ def part(op_name: str, opcode: str) -> str:
   """The part of the step an op belongs to, from its HLO op_name metadata (and opcode, for convolutions)."""
   if not op_name:
     return "unattributed"
-  path = op_name.split("/")
+  # A scope inside a JAX transformation is named through it: "jvp(losses)", "transpose(jvp(SparseDETR))".
+  path = [re.sub(r"^(?:\w+\()*([^()]*)\)*$", r"\1", p) for p in op_name.split("/")]
   if "matcher" in path or "callback" in opcode:
     return "matcher"
   if "losses" in path:
@@ -64,7 +65,7 @@ def part(op_name: str, opcode: str) -> str:
     )
     if deformable:
       return "model, other" if any(x in path for x in DEFORMABLE_LINEARS) else "deformable sampling"
-  return "model, other" if "SparseDETR" in op_name else "rest of the step"
+  return "model, other" if "SparseDETR" in path else "rest of the step"
 
 
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
