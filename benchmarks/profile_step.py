@@ -3,7 +3,9 @@ on a random batch, as benchmarks/train_step.py), every executed XLA op attribute
 JAX writes into the compiled program, to a part of the step, forward and backward apart.
 
     .venv/bin/python benchmarks/profile_step.py [--config configs/r50_sparse_detr_rho_0.1.py]
-        [--height 384 --width 512] [--batch 2] [--steps 2] [--top 0]
+        [--height 384 --width 512] [--batch 2] [--steps 2] [--top 0] [--forward]
+
+`--forward` profiles the jitted inference forward (model.apply on random images) instead of the train step.
 
 Parts: backbone convolutions, the rest of the backbone (frozen BatchNorm, ReLU, pooling), deformable sampling
 (MSDeformAttn between its linear layers: corner indices and weights, the gather, the weighted sum; its backward
@@ -28,7 +30,11 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import train_step
+
+from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import model as model_lib
 
 DEFORMABLE_LINEARS = ("value_proj", "sampling_offsets", "attention_weights", "output_proj")
 PARTS = (
@@ -116,6 +122,17 @@ def traced_op_times(step, state, batch, steps: int, ops: dict) -> tuple[collecti
   return times, wall
 
 
+def random_forward(config: str, hw: tuple[int, int], batch: int):
+  """(jitted step, variables, inputs) with step(variables, inputs) = (variables, the config's inference forward on
+  random images of canvas hw), the train step's calling convention."""
+  cfg = config_lib.load_config_file(config)
+  model = model_lib.build_model(cfg.model)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images = jax.random.normal(jax.random.PRNGKey(1), (batch, *hw, 3), jnp.float32)  # (B, H, W, 3)
+  step = jax.jit(lambda v, x: (v, model.apply(v, *x)))
+  return step, variables, (images, jnp.zeros((batch, *hw), bool))
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="configs/r50_sparse_detr_rho_0.1.py")
@@ -124,8 +141,10 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=2, help="per device")
   p.add_argument("--steps", type=int, default=2, help="traced steps (after one warm-up step)")
   p.add_argument("--top", type=int, default=0, help="also list the N longest ops")
+  p.add_argument("--forward", action="store_true", help="the inference forward instead of the train step")
   a = p.parse_args()
-  step, state, batch = train_step.random_step(a.config, (a.height, a.width), a.batch)
+  make = random_forward if a.forward else train_step.random_step
+  step, state, batch = make(a.config, (a.height, a.width), a.batch)
   ops = hlo_ops(step.lower(state, batch).compile().as_text())
   state, metrics = step(state, batch)  # compile and warm up
   jax.block_until_ready(metrics)
@@ -136,7 +155,8 @@ def main() -> None:
     table[part(op_name, opcode), "backward" if "transpose(" in op_name else "forward"] += us / a.steps / 1e3
   total = sum(table.values())
   print(
-    f"{a.config} train step, {a.height}x{a.width}, batch {a.batch} x {jax.device_count()} device(s) on "
+    f"{a.config} {'forward' if a.forward else 'train step'}, {a.height}x{a.width}, "
+    f"batch {a.batch} x {jax.device_count()} device(s) on "
     f"{jax.devices()[0].device_kind} ({jax.default_backend()}): {wall:.3f} s a step (traced), {total:.0f} ms of ops"
   )
   print("| part | forward ms | backward ms | share of op time |\n|---|---|---|---|")

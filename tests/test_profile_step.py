@@ -24,3 +24,13 @@ def test_ops_are_attributed_through_transformations():
   assert part("jit(per_device)/jvp(SparseDETR)/decoder_layers_0/linear1/dot_general", "dot") == "model, other"
   assert part("jit(per_device)/isfinite", "is-finite") == "rest of the step"
   assert part("", "copy") == "unattributed"
+
+
+def test_forward_profile_runs_the_model_and_attributes_its_ops():
+  """--forward: the step is the model's inference forward, and its sampling and linear layers are told apart."""
+  step, variables, inputs = profile_step.random_forward(str(ROOT / "configs" / "shapes_tiny.py"), (64, 64), 1)
+  ops = profile_step.hlo_ops(step.lower(variables, inputs).compile().as_text())
+  parts = {profile_step.part(op_name, opcode) for opcode, op_name in ops.values()}
+  assert {"deformable sampling", "model, other"} <= parts
+  _, outputs = step(variables, inputs)
+  assert outputs["pred_logits"].shape[0] == 1 and outputs["pred_boxes"].shape[-1] == 4
