@@ -30,9 +30,9 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import train_step
 
+from sparse_detr_jax import benchmark
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import model as model_lib
 
@@ -128,9 +128,8 @@ def random_forward(config: str, hw: tuple[int, int], batch: int):
   cfg = config_lib.load_config_file(config)
   model = model_lib.build_model(cfg.model)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
-  images = jax.random.normal(jax.random.PRNGKey(1), (batch, *hw, 3), jnp.float32)  # (B, H, W, 3)
   step = jax.jit(lambda v, x: (v, model.apply(v, *x)))
-  return step, variables, (images, jnp.zeros((batch, *hw), bool))
+  return step, variables, benchmark.random_inputs(batch, *hw)
 
 
 def main() -> None:

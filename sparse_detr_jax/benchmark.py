@@ -20,14 +20,15 @@ from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import model as model_lib
 
 
-def _inputs(batch: int, height: int, width: int):
+def random_inputs(batch: int, height: int, width: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Random images (B, H, W, 3) and an all-valid padding mask (B, H, W)."""
   images = jax.random.normal(jax.random.PRNGKey(1), (batch, height, width, 3), jnp.float32)
   return images, jnp.zeros((batch, height, width), bool)
 
 
 def forward_flops(apply, variables, height: int, width: int) -> float:
   """XLA's flop count of the compiled batch-1 forward."""
-  compiled = apply.lower(variables, *_inputs(1, height, width)).compile()
+  compiled = apply.lower(variables, *random_inputs(1, height, width)).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
@@ -37,7 +38,7 @@ def images_per_second(
   apply, variables, batch: int, height: int, width: int, min_seconds: float = 3.0, min_iters: int = 3
 ) -> float:
   """Warm, synchronised throughput of the jitted forward."""
-  images, mask = _inputs(batch, height, width)
+  images, mask = random_inputs(batch, height, width)
   jax.block_until_ready(apply(variables, images, mask))  # compile + warm-up
   iters, start = 0, time.perf_counter()
   while iters < min_iters or time.perf_counter() - start < min_seconds:
