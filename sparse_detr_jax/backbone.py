@@ -55,20 +55,8 @@ class FrozenBatchNorm(nn.Module):
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Module:
-  if kernel == 1:
-    return layers.PointwiseConv(
-      features, stride, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype, name=name
-    )
-  pad = kernel // 2  # torch-style explicit padding, not 'SAME'
-  return nn.Conv(
-    features,
-    (kernel, kernel),
-    strides=(stride, stride),
-    padding=((pad, pad), (pad, pad)),
-    use_bias=False,
-    kernel_init=nn.initializers.kaiming_normal(),
-    dtype=dtype,
-    name=name,
+  return layers.Conv(
+    features, kernel, stride, use_bias=False, kernel_init=nn.initializers.kaiming_normal(), dtype=dtype, name=name
   )
 
 

@@ -1,5 +1,6 @@
 """Small layers with PyTorch's default initialisation, so a model built here starts where the official one does."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -51,16 +52,95 @@ class Linear(nn.Module):
     return y + bias.astype(dtype)
 
 
-class PointwiseConv(nn.Module):
-  """A 1x1 convolution (stride s, no padding) computed as one matrix product over the pixels.
+def _conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
+  return jax.lax.conv_general_dilated(
+    x, kernel, (stride, stride), ((padding, padding), (padding, padding)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
-  Parameters as `nn.Conv(features, (1, 1))`: `kernel` (1, 1, in, out) and, with `use_bias`, `bias` (out,).
-  XLA:CPU runs a pointwise convolution as a convolution, up to 5x slower than the same product as a matmul
-  (256->64 channels on a 200x267 map, 2 cores: 53 ms vs 10 ms), and so are its gradients; the README's
-  benchmark section gives the effect on the whole model.
+
+def conv_kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel_size: int, stride: int, padding: int) -> jnp.ndarray:
+  """The kernel gradient of a k x k convolution as k * k matrix products, one per kernel tap.
+
+  x (B, H, W, Cin), dy (B, H', W', Cout) -> (k, k, Cin, Cout): tap (i, j) is dy^T (Cout, B * H' * W') times the
+  input pixels it reads (a strided slice of the padded input, (B * H' * W', Cin)), transposed at the end (a
+  kernel-sized copy). XLA:CPU computes this gradient as a convolution, slower on every 3x3 layer of ResNet-50
+  (benchmarks/conv_kernel_grad.py, 2 cores, batch 2: all 13 trained ones 1.85x at 384x512, 4.55x at 800x1333,
+  where a layer2 one takes 1941 ms against 243 ms).
+  """
+  b, ho, wo, cout = dy.shape
+  cin = x.shape[-1]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  dy_t = dy.reshape(-1, cout).T  # (Cout, B * H' * W')
+  reach_h, reach_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+  taps = [
+    jnp.dot(
+      dy_t,
+      xp[:, i : i + reach_h : stride, j : j + reach_w : stride].reshape(-1, cin),
+      preferred_element_type=jnp.float32,
+    )  # (Cout, Cin)
+    for i in range(kernel_size)
+    for j in range(kernel_size)
+  ]
+  grad = jnp.stack(taps).reshape(kernel_size, kernel_size, cout, cin)
+  return jnp.swapaxes(grad, 2, 3).astype(x.dtype)
+
+
+def _varying_axes(x: jnp.ndarray) -> frozenset:
+  """The mesh axes x varies over inside shard_map (jax 0.10: `manual_axis_type.varying`; `vma` where avals have it)."""
+  aval = jax.typeof(x)
+  return aval.manual_axis_type.varying if hasattr(aval, "manual_axis_type") else frozenset(getattr(aval, "vma", ()))
+
+
+def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
+  """A square convolution with torch-style symmetric zero padding: x (B, H, W, Cin), kernel (k, k, Cin, Cout) ->
+  (B, (H + 2 * padding - k) // stride + 1, ..., Cout). On a CPU its kernel gradient is `conv_kernel_grad`; on
+  other platforms, and for the input gradient everywhere, XLA's own.
+
+  Inside `jax.shard_map` the kernel (a replicated parameter) is first made varying over the input's mesh axes, so
+  the custom gradient is per device like XLA's and the cross-device sum stays where JAX puts it, outside.
+  """
+  axes = tuple(sorted(_varying_axes(x) - _varying_axes(kernel)))
+  if axes:
+    kernel = jax.lax.pcast(kernel, axes, to="varying")
+  return _conv2d(x, kernel, stride, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> jnp.ndarray:
+  return _conv(x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+  return _conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  dx = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)[1](dy)[0]
+  dk = jax.lax.platform_dependent(
+    x,
+    dy,
+    cpu=functools.partial(conv_kernel_grad, kernel_size=kernel.shape[0], stride=stride, padding=padding),
+    default=lambda x, dy: jax.vjp(lambda k: _conv(x, k, stride, padding), kernel)[1](dy)[0],
+  )
+  return dx, dk
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+  """A k x k convolution, stride s, with torch-style zero padding k // 2.
+
+  Parameters as `nn.Conv(features, (k, k))`: `kernel` (k, k, in, out) and, with `use_bias`, `bias` (out,).
+  A 1x1 convolution is one matrix product over the (every s-th) pixels: XLA:CPU runs a pointwise convolution as
+  a convolution, up to 5x slower than the same product as a matmul (256->64 channels on a 200x267 map, 2 cores:
+  53 ms vs 10 ms), and so are its gradients. A larger kernel goes through `conv2d`. The README's benchmark
+  section gives the effect of both on the whole model.
   """
 
   features: int
+  kernel_size: int = 1
   strides: int = 1
   use_bias: bool = True
   kernel_init: Initializer = torch_default_kernel
@@ -69,13 +149,14 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """x (B, H, W, C) -> (B, ceil(H / s), ceil(W / s), features)."""
-    s = self.strides
-    x = x[:, ::s, ::s] if s > 1 else x  # a 1x1 stride-s convolution reads every s-th pixel
-    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    """x (B, H, W, C) -> (B, ceil(H / s), ceil(W / s), features) (odd k)."""
+    k, s = self.kernel_size, self.strides
+    if k == 1 and s > 1:
+      x = x[:, ::s, ::s]  # a 1x1 stride-s convolution reads every s-th pixel
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jnp.dot(x, kernel[0, 0])  # (B, H', W', features)
+    y = jnp.dot(x, kernel[0, 0]) if k == 1 else conv2d(x, kernel, s, k // 2)  # (B, H', W', features)
     return y if bias is None else y + bias
 
 

@@ -52,19 +52,8 @@ class InputProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    if self.downsample:
-      x = nn.Conv(
-        self.hidden_dim,
-        (3, 3),
-        strides=(2, 2),
-        padding=((1, 1), (1, 1)),
-        kernel_init=layers.xavier_uniform,
-        bias_init=nn.initializers.zeros,
-        dtype=self.dtype,
-        name="conv",
-      )(x)
-    else:
-      x = layers.PointwiseConv(self.hidden_dim, kernel_init=layers.xavier_uniform, dtype=self.dtype, name="conv")(x)
+    k, s = (3, 2) if self.downsample else (1, 1)
+    x = layers.Conv(self.hidden_dim, k, s, kernel_init=layers.xavier_uniform, dtype=self.dtype, name="conv")(x)
     return layers.group_norm("norm", self.dtype)(x)
 
 
