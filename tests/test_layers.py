@@ -1,5 +1,5 @@
 """layers.Conv: the same parameters, outputs and gradients as `nn.Conv` with torch-style
-padding (none for 1x1, k // 2 for k x k); conv_kernel_grad equals XLA's kernel gradient."""
+padding (none for 1x1, k // 2 for k x k); conv_kernel_grad equals XLA's kernel gradient; layers.matmul equals jnp.dot."""
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,10 @@ def test_pointwise_conv_equals_a_1x1_conv(stride, use_bias):
   loss = lambda module: lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
   g_want = jax.grad(loss(conv), argnums=(0, 1))(variables, x)
   g_got = jax.grad(loss(pointwise), argnums=(0, 1))(variables, x)
+  # The kernel gradient sums 140 pixels (entries up to ~20) in another order than XLA's convolution: float32's
+  # rounding of that order, relative.
   for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_want), strict=True):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=2e-6)
 
 
 def test_pointwise_conv_computes_in_its_dtype():
@@ -80,3 +82,15 @@ def test_conv_computes_in_its_dtype():
   assert conv.apply(variables, x).dtype == jnp.bfloat16
   grads = jax.grad(lambda v: jnp.sum(conv.apply(v, x).astype(jnp.float32)))(variables)
   assert grads["params"]["kernel"].dtype == jnp.float32  # the bf16 kernel gradient, cast back to the parameter's
+
+
+def test_matmul_equals_dot_over_leading_dimensions():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 12))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (12, 7))
+  got = layers.matmul(x, kernel)
+  assert got.shape == (2, 3, 5, 7)
+  np.testing.assert_allclose(got, jnp.dot(x, kernel), atol=1e-5, rtol=0)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  got, want = jax.grad(loss(layers.matmul), (0, 1))(x, kernel), jax.grad(loss(jnp.dot), (0, 1))(x, kernel)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=2e-6)  # the kernel gradient sums 30 rows in another order
