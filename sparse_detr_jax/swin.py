@@ -151,7 +151,7 @@ class PatchMerging(nn.Module):
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
     x = layers.layer_norm("norm", self.dtype)(x)
     kernel = self.param("reduction_kernel", _linear_init, (4 * c, 2 * c), jnp.float32)
-    return x @ kernel.astype(x.dtype)
+    return layers.matmul(x, kernel.astype(x.dtype))
 
 
 class SwinTransformer(nn.Module):

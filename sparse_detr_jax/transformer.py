@@ -134,9 +134,9 @@ class MultiheadAttention(nn.Module):
     dt = self.dtype or qk.dtype
     w, bias = w.astype(dt), bias.astype(dt)
     split = lambda x: x.reshape(b, q, m, d)
-    qh = split(qk.astype(dt) @ w[:, :c] + bias[:c]) / np.sqrt(d).astype(np.float32)
-    kh = split(qk.astype(dt) @ w[:, c : 2 * c] + bias[c : 2 * c])
-    vh = split(v.astype(dt) @ w[:, 2 * c :] + bias[2 * c :])
+    qh = split(layers.matmul(qk.astype(dt), w[:, :c]) + bias[:c]) / np.sqrt(d).astype(np.float32)
+    kh = split(layers.matmul(qk.astype(dt), w[:, c : 2 * c]) + bias[c : 2 * c])
+    vh = split(layers.matmul(v.astype(dt), w[:, 2 * c :]) + bias[2 * c :])
     probs = jax.nn.softmax(jnp.einsum("bqmd,bkmd->bmqk", qh, kh).astype(jnp.float32), -1).astype(dt)
     probs = nn.Dropout(self.dropout)(probs, deterministic)
     out = jnp.einsum("bmqk,bkmd->bqmd", probs, vh).reshape(b, q, c)

@@ -1,5 +1,5 @@
-"""layers.Conv: the same parameters, outputs and gradients as `nn.Conv` with torch-style
-padding (none for 1x1, k // 2 for k x k); conv_kernel_grad equals XLA's kernel gradient; layers.matmul equals jnp.dot."""
+"""layers.Conv: the same parameters, outputs and gradients as `nn.Conv` with torch-style padding (none for 1x1,
+k // 2 for k x k); conv_kernel_grad equals XLA's kernel gradient; layers.matmul equals jnp.dot."""
 
 import flax.linen as nn
 import jax
