@@ -1,16 +1,17 @@
 """The official Sparse DETR (PyTorch) half of benchmarks/peer_official.py. It runs in the peer's Python (PyTorch
-+ torchvision, e.g. `make install-peer`), never imports JAX, and talks to peer_official.py through files:
++ torchvision, e.g. `make install-peer`), never imports JAX, and is driven by peer_official.py through its stdin
+and stdout (see main), so that the two sides' timed calls can alternate:
 
     PEER_PYTHON benchmarks/official_side.py SPEC.json
 
-SPEC.json: {"src": a patched copy of the official source, "device": "cpu" | "cuda", "threads", "iters",
-"rows": [{"name", "args": official argparse values}], "forward": {"batches", "inputs": NPZ}, "train":
-{"batch", "height", "width", "boxes"}, "out": DIR}. For each row it builds the official model and criterion
-from the official argparse defaults plus the row's values (`models.build_model`, seed 0, random weights),
-saves them as DIR/NAME.pth in the official checkpoint format (for our side to convert), runs the forward on
-the first input image (DIR/NAME_outputs.npz: outputs, scoring logits, kept tokens, two-stage outputs), times
-the forward at each batch size (inference mode) and the official training step (the engine's: weighted
-criterion sum, backward, clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups). Writes DIR/official.json.
+SPEC.json: {"src": a patched copy of the official source, "device": "cpu" | "cuda", "threads", "rows": [{"name",
+"args": official argparse values}], "forward": {"batches", "inputs": NPZ}, "train": {"batch", "height", "width",
+"boxes"}, "out": DIR}. For a row it builds the official model and criterion from the official argparse defaults
+plus the row's values (`models.build_model`, seed 0, random weights), saves them as DIR/NAME.pth in the official
+checkpoint format (for our side to convert), runs the forward on the first input image (DIR/NAME_outputs.npz:
+outputs, scoring logits, kept tokens, two-stage outputs), then times single calls on request: the forward at
+each batch size (inference mode) and the official training step (the engine's: weighted criterion sum,
+backward, clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups).
 
 On a GPU the deformable attention is the official CUDA kernel, compiled from models/ops/src; on a CPU the
 official pure-PyTorch path (`python_ops_for_test`, which the official code uses to check its kernel).
@@ -19,6 +20,7 @@ official pure-PyTorch path (`python_ops_for_test`, which the official code uses 
 import argparse
 import ast
 import json
+import os
 import pathlib
 import sys
 import time
@@ -114,23 +116,13 @@ def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]
   ]
 
 
-def timed(fn, iters: int, sync) -> float:
-  fn()  # warm-up
-  sync()
-  start = time.perf_counter()
-  for _ in range(iters):
-    fn()
-  sync()
-  return (time.perf_counter() - start) / iters
-
-
-def measure_row(spec: dict, row: dict, inputs) -> dict:
-  """Build, save and run one row's official model: its outputs on the inputs (saved) and its times."""
+def build_row(spec: dict, row: dict, inputs) -> dict:
+  """Build and save one row's official model, save its outputs on the first input image, and return its timed
+  calls: {"forward_b<B>": inference forward at batch B, "train": one official training step}."""
   from models import build_model  # pylint: disable=import-outside-toplevel
   from util.misc import NestedTensor  # pylint: disable=import-outside-toplevel
 
   src, out, device = pathlib.Path(spec["src"]), pathlib.Path(spec["out"]), torch.device(spec["device"])
-  sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
   args = official_args(src, {**row["args"], "device": spec["device"]})
   torch.manual_seed(0)
   model, criterion, _ = build_model(args)
@@ -143,7 +135,6 @@ def measure_row(spec: dict, row: dict, inputs) -> dict:
   model.eval()
   images = torch.from_numpy(inputs["images"]).to(device)  # (B, 3, H, W)
   mask = torch.from_numpy(inputs["mask"]).to(device)  # (B, H, W), True on padding
-  times = {}
   with torch.inference_mode():
     o = model(NestedTensor(images[:1], mask[:1]))
     keep = {
@@ -153,8 +144,11 @@ def measure_row(spec: dict, row: dict, inputs) -> dict:
     if "sparse_token_nums" in o:
       keep["sparse_token_nums"] = torch.as_tensor(o["sparse_token_nums"])
     np.savez(out / f"{row['name']}_outputs.npz", **{k: v.cpu().numpy() for k, v in keep.items()})
-    for b in spec["forward"]["batches"]:
-      times[f"forward_b{b}"] = timed(lambda b=b: model(NestedTensor(images[:b], mask[:b])), spec["iters"], sync)
+
+  def forward(b: int) -> None:
+    model.eval()
+    with torch.inference_mode():
+      model(NestedTensor(images[:b], mask[:b]))
 
   t, k = spec["train"], spec["train"]["boxes"]
   g = torch.Generator().manual_seed(0)
@@ -169,11 +163,11 @@ def measure_row(spec: dict, row: dict, inputs) -> dict:
     }
     for _ in range(t["batch"])
   ]
-  model.train()
-  criterion.train()
   opt = torch.optim.AdamW(param_groups(model, args), lr=args.lr, weight_decay=args.weight_decay)
 
-  def step():  # engine.train_one_epoch's step
+  def train() -> None:  # engine.train_one_epoch's step
+    model.train()
+    criterion.train()
     loss_dict = criterion(model(NestedTensor(x, pad)), targets)
     loss = sum(loss_dict[n] * w for n, w in criterion.weight_dict.items() if n in loss_dict)
     opt.zero_grad()
@@ -181,12 +175,17 @@ def measure_row(spec: dict, row: dict, inputs) -> dict:
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
     opt.step()
 
-  times["train"] = timed(step, spec["iters"], sync)
-  return times
+  calls = {f"forward_b{b}": lambda b=b: forward(b) for b in spec["forward"]["batches"]}
+  return {**calls, "train": train}
 
 
 def main() -> None:
+  """Serve peer_official.py: one JSON request per stdin line, one JSON reply per line on the real stdout (whatever
+  the official code prints goes to stderr). Requests: {"row": NAME} builds that row (reply {"ready": NAME}),
+  {"call": WHAT} runs one of its calls and replies {"s": seconds} (synchronised on a GPU), {"quit": true}."""
   spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
+  replies = os.fdopen(os.dup(1), "w", buffering=1)
+  os.dup2(2, 1)  # the official code's prints (and C-level output) go to stderr
   src = pathlib.Path(spec["src"])
   torch.set_num_threads(spec["threads"])
   warnings.filterwarnings("ignore", category=FutureWarning)  # timm's and torchvision's deprecation notices
@@ -195,11 +194,26 @@ def main() -> None:
   no_pretrained_download()
   inputs = np.load(spec["forward"]["inputs"])
   cuda = spec["device"] == "cuda"
-  result = {"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else ""}
-  for row in spec["rows"]:
-    result[row["name"]] = times = measure_row(spec, row, inputs)
-    print(f"official {row['name']}: " + ", ".join(f"{n} {s:.3f} s" for n, s in times.items()), flush=True)
-  (pathlib.Path(spec["out"]) / "official.json").write_text(json.dumps(result))
+  sync = torch.cuda.synchronize if cuda else lambda: None
+  rows = {r["name"]: r for r in spec["rows"]}
+  replies.write(json.dumps({"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else ""}))
+  replies.write("\n")
+  calls: dict = {}
+  for line in sys.stdin:
+    request = json.loads(line)
+    if "row" in request:
+      calls = {}  # the previous row's model is freed before the next is built
+      calls = build_row(spec, rows[request["row"]], inputs)
+      reply = {"ready": request["row"]}
+    elif "call" in request:
+      sync()
+      start = time.perf_counter()
+      calls[request["call"]]()
+      sync()
+      reply = {"s": time.perf_counter() - start}
+    else:
+      return
+    replies.write(json.dumps(reply) + "\n")
 
 
 if __name__ == "__main__":

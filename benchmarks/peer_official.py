@@ -9,11 +9,14 @@ Rows: rho 0 (configs/r50_efficient_detr.py: Deformable DETR + top-k queries + bo
 is built from the official argparse defaults plus the config's architecture (benchmarks/official_side.py, in
 the peer's Python), saved as an official .pth and converted (sparse_detr_jax.convert); the two forwards on one
 random image give `max_abs_diff` (final logits and boxes; if a top-k selection differs on a near-tie, the
-tensors before it: see `agreement`). Timed, warm, `--iters` times each: the forward in
-inference mode at batch 1 and 4 (--height x --width) and the training step at --train-batch (official:
-its criterion, backward, clip, AdamW; ours: the jitted trainer.make_train_step of the config, 10 boxes per
-image both). On a GPU the official model uses its CUDA kernel (compiled from the copy, below); on a CPU its
-pure-PyTorch path, both with every core (torch threads = JAX's = cpu count).
+tensors before it: see `agreement`). Timed warm: the forward in inference mode at batch 1 and 4 (--height x
+--width) and the training step at --train-batch (official: its criterion, backward, clip, AdamW; ours: the
+jitted, donated trainer.make_train_step of the config; 10 boxes per image both), each in `--iters` rounds of one
+official call and one of ours, in turn (the official side is a subprocess serving one call per request), so that
+a shared machine's drift, which moves single timings by 25% here, meets both sides alike; the table gives each
+side's median, their ratio and the range of the per-round ratios. On a GPU the official model uses its CUDA
+kernel (compiled from the copy, below); on a CPU its pure-PyTorch path, both with every core (torch threads =
+JAX's = cpu count).
 
 The official source is run from a temporary copy with the fixes today's PyTorch needs (printed; the code
 itself is never copied into this project). Speed-up = official time / ours (> 1: ours is faster).
@@ -27,6 +30,7 @@ import os
 import pathlib
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,13 +93,35 @@ def official_values(model_cfg) -> dict:
   return {k: model_cfg[k] for k in convert.ARCH_ARGS}
 
 
-def timed(fn, iters: int) -> float:
-  jax.block_until_ready(fn())  # compile + warm-up
+class Official:
+  """The official side (benchmarks/official_side.py in the peer's Python) as a subprocess answering one request per
+  line: `row(name)` builds a row, `call(what)` times one of its calls."""
+
+  def __init__(self, python: pathlib.Path, spec: pathlib.Path):
+    cmd = [str(python), str(ROOT / "benchmarks" / "official_side.py"), str(spec)]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    self.info = self._reply()
+
+  def _reply(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"the official side failed (exit {self.proc.wait()}) in {self.proc.args[0]}; see above")
+    return json.loads(line)
+
+  def request(self, **request) -> dict:
+    self.proc.stdin.write(json.dumps(request) + "\n")
+    return self._reply()
+
+  def close(self) -> None:
+    self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def seconds(fn) -> float:
   start = time.perf_counter()
-  for _ in range(iters):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / iters
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
 
 
 def agreement(o: dict, ref, num_queries: int) -> dict:
@@ -142,19 +168,43 @@ def agreement(o: dict, ref, num_queries: int) -> dict:
   return r
 
 
-def ours(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.ndarray, a) -> dict:
-  """Our forward on the official weights (converted), its agreement with the official outputs, and times."""
+def our_calls(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.ndarray, a) -> tuple[dict, dict]:
+  """Our forward on the official weights (converted) and its agreement with the official outputs; and our calls
+  (forward at each batch, jitted train step of the config), each returning what to block on."""
   model, variables, converted = convert.load_official(str(out / f"{name}.pth"))
   for k in (*convert.ARCH_ARGS, "num_classes"):
     if converted[k] != cfg.model[k]:
       raise SystemExit(f"row {name}: the official model's {k}={converted[k]!r}, the config's {cfg.model[k]!r}")
   apply = jax.jit(model.apply)
-  x = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # NCHW -> NHWC
+  x = jax.device_put(np.ascontiguousarray(images.transpose(0, 2, 3, 1)))  # NCHW -> NHWC
+  m = jax.device_put(mask)
   with np.load(out / f"{name}_outputs.npz") as ref:
-    parity = agreement(apply(variables, x[:1], mask[:1]), ref, cfg.model.num_queries)
-  times = {f"forward_b{b}": timed(lambda b=b: apply(variables, x[:b], mask[:b]), a.iters) for b in a.batches}
-  times["train"] = train_step.step_seconds(cfg, (a.train_height, a.train_width), a.train_batch, a.iters)[1]
-  return {**times, "parity": parity}
+    parity = agreement(apply(variables, x[:1], m[:1]), ref, cfg.model.num_queries)
+  inputs = {b: (x[:b], m[:b]) for b in a.batches}
+  calls = {f"forward_b{b}": lambda b=b: apply(variables, *inputs[b]) for b in a.batches}
+  step, state, batch = train_step.random_step(cfg, (a.train_height, a.train_width), a.train_batch)
+  carry = [state]
+
+  def train():
+    carry[0], metrics = step(carry[0], batch)
+    return metrics
+
+  return {**calls, "train": train}, parity
+
+
+def interleaved(official: Official, ours: dict, what: str, rounds: int) -> tuple[list[float], list[float]]:
+  """Seconds of `rounds` official and our calls of `what`, alternating (who goes first alternates too), after one
+  warm-up call each (our compilation): both sides meet the same drift of a shared machine."""
+  official.request(call=what)
+  seconds(ours[what])
+  theirs, mine = [], []
+  for r in range(rounds):
+    for side in ("official", "ours") if r % 2 == 0 else ("ours", "official"):
+      if side == "official":
+        theirs.append(official.request(call=what)["s"])
+      else:
+        mine.append(seconds(ours[what]))
+  return theirs, mine
 
 
 def main() -> None:
@@ -169,7 +219,7 @@ def main() -> None:
   p.add_argument("--train-height", type=int, default=None, help="default 800 on a GPU, 384 on a CPU")
   p.add_argument("--train-width", type=int, default=None, help="default 1333 on a GPU, 512 on a CPU")
   p.add_argument("--train-batch", type=int, default=2)
-  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--iters", type=int, default=5, help="timed rounds (one official call and one of ours) per cell")
   a = p.parse_args()
   a.batches = [int(b) for b in a.batches.split(",")]
   gpu = jax.default_backend() == "gpu"
@@ -196,34 +246,43 @@ def main() -> None:
       "out": str(tmp),
       "device": "cuda" if gpu else "cpu",
       "threads": os.cpu_count(),
-      "iters": a.iters,
       "rows": [{"name": n, "args": official_values(c.model)} for n, c in rows.items()],
       "forward": {"batches": a.batches, "inputs": str(tmp / "inputs.npz")},
       "train": {"batch": a.train_batch, "height": a.train_height, "width": a.train_width, "boxes": 10},
     }
     (tmp / "spec.json").write_text(json.dumps(spec))
-    run = subprocess.run([str(peer), str(ROOT / "benchmarks" / "official_side.py"), str(tmp / "spec.json")])
-    if run.returncode:
-      raise SystemExit(f"the official side failed (exit {run.returncode}) in {peer}; see above")
-    official = json.loads((tmp / "official.json").read_text())
-    mine = {n: ours(n, c, tmp, images, mask, a) for n, c in rows.items()}
+    official = Official(peer, tmp / "spec.json")
+    times: dict = {}  # row -> what -> (official seconds, our seconds), per round
+    parity: dict = {}
+    try:
+      for n, c in rows.items():
+        official.request(row=n)
+        calls, parity[n] = our_calls(n, c, tmp, images, mask, a)
+        whats = [f"forward_b{b}" for b in a.batches] + ["train"]
+        times[n] = {w: interleaved(official, calls, w, a.iters) for w in whats}
+        del calls
+    finally:
+      official.close()
 
   print("fixes applied to the official copy:" + "".join(f"\n  {f}" for f in fixes) if fixes else "no fixes applied")
   print(
-    f"device: JAX {jax.devices()[0].device_kind} ({jax.default_backend()}), official torch {official['torch']} "
-    f"{official['device_name'] or f'CPU x{os.cpu_count()}'}; forward {a.height}x{a.width}, train step "
-    f"{a.train_height}x{a.train_width} batch {a.train_batch}; warm means of {a.iters}"
+    f"device: JAX {jax.devices()[0].device_kind} ({jax.default_backend()}), official torch {official.info['torch']} "
+    f"{official.info['device_name'] or f'CPU x{os.cpu_count()}'}; forward {a.height}x{a.width}, train step "
+    f"{a.train_height}x{a.train_width} batch {a.train_batch}; medians of {a.iters} interleaved rounds"
   )
-  print("| row | what | official s | ours s | speed-up |\n|---|---|---|---|---|")
+  print("| row | what | official s | ours s | speed-up | per-round speed-ups |\n|---|---|---|---|---|---|")
   last = {}
-  for n in rows:
-    for what in [f"forward_b{b}" for b in a.batches] + ["train"]:
-      speedup = official[n][what] / mine[n][what]
-      print(f"| {n} | {what} | {official[n][what]:.3f} | {mine[n][what]:.3f} | {speedup:.2f}x |")
+  for n, row in times.items():
+    for what, (theirs, mine) in row.items():
+      speedup = statistics.median(theirs) / statistics.median(mine)
+      rounds = [t / m for t, m in zip(theirs, mine, strict=True)]
+      print(
+        f"| {n} | {what} | {statistics.median(theirs):.3f} | {statistics.median(mine):.3f} | {speedup:.2f}x | "
+        f"{min(rounds):.2f}-{max(rounds):.2f}x |"
+      )
       if what in ("forward_b4", "train"):
         last[f"{'fwd_b4' if what != 'train' else 'train'}_speedup_{n}"] = speedup
-  for n, m in mine.items():
-    q = m["parity"]
+  for n, q in parity.items():
     line = f"{n}: max |official - ours| final logits {q['logits']:.2e}, boxes {q['boxes']:.2e}; two-stage outputs "
     line += f"{q['enc_outputs']:.2e}"
     if "scores" in q:
@@ -233,7 +292,7 @@ def main() -> None:
     line += f"; queries differing {q['queries_differ']} (gap {q['queries_gap']:.1e}), in another order "
     line += f"{q['queries_reordered']} (outputs compared in the official order); max_abs_diff over {q['compared']}"
     print(line)
-  diff = max(m["parity"]["max_abs_diff"] for m in mine.values())
+  diff = max(q["max_abs_diff"] for q in parity.values())
   print(
     f"device={'gpu' if gpu else 'cpu'} "
     + " ".join(f"{k}={v:.3f}" for k, v in last.items())
