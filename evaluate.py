@@ -10,13 +10,14 @@ Prints the standard 12-number COCO table and writes eval_results.json / eval_met
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_detr_jax import evaluator, logs, loop, trainer
+from sparse_detr_jax import evaluator, hostmem, logs, loop, trainer
 from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "a training workdir: evaluate its latest checkpoint")
 flags.DEFINE_string("checkpoint", None, "checkpoint step directory, official .pth or converted directory")
 flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
+flags.DEFINE_bool("retain_host_memory", True, "keep freed host memory for reuse (sparse_detr_jax/hostmem.py)")
 flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
 
@@ -25,6 +26,8 @@ def main(argv):
   del argv
   cfg = FLAGS.config
   logs.quiet_library_logs()
+  if FLAGS.retain_host_memory:
+    hostmem.retain_freed_memory()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError("give --workdir or --checkpoint")

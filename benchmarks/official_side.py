@@ -14,7 +14,9 @@ each batch size (inference mode) and the official training step (the engine's: w
 backward, clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups).
 
 On a GPU the deformable attention is the official CUDA kernel, compiled from models/ops/src; on a CPU the
-official pure-PyTorch path (`python_ops_for_test`, which the official code uses to check its kernel).
+official pure-PyTorch path (`python_ops_for_test`, which the official code uses to check its kernel). The process
+keeps freed memory for reuse (sparse_detr_jax/hostmem.py, as our side does: PyTorch's CPU allocator gains from it
+too).
 """
 
 import argparse
@@ -29,6 +31,9 @@ import warnings
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from sparse_detr_jax import hostmem  # no dependencies: the peer's Python has no JAX
 
 
 def official_args(src: pathlib.Path, values: dict) -> argparse.Namespace:
@@ -183,6 +188,7 @@ def main() -> None:
   """Serve peer_official.py: one JSON request per stdin line, one JSON reply per line on the real stdout (whatever
   the official code prints goes to stderr). Requests: {"row": NAME} builds that row (reply {"ready": NAME}),
   {"call": WHAT} runs one of its calls and replies {"s": seconds} (synchronised on a GPU), {"quit": true}."""
+  hostmem.retain_freed_memory()
   spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
   replies = os.fdopen(os.dup(1), "w", buffering=1)
   os.dup2(2, 1)  # the official code's prints (and C-level output) go to stderr

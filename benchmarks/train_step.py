@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from sparse_detr_jax import hostmem
+
 CASES = {  # name: (config file, canvas (h, w), per-device batch)
   "demo": ("configs/shapes_demo.py", (96, 128), 8),
   "r50_rho0": ("configs/r50_efficient_detr.py", (800, 1333), 2),
@@ -105,6 +107,7 @@ def main() -> None:
   p.add_argument("--case", help=argparse.SUPPRESS)  # child process: measure one case, print JSON
   a = p.parse_args()
   if a.case:
+    hostmem.retain_freed_memory()  # as train.py
     print(json.dumps(measure(a.case, a.steps)))
     return
   rows = []

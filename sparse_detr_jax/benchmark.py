@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import hostmem
 from sparse_detr_jax import model as model_lib
 
 
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
   p.add_argument("--min_seconds", type=float, default=3.0, help="timing duration per batch size")
   p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16 (parameters stay float32)")
   a = p.parse_args(argv)
+  hostmem.retain_freed_memory()  # as evaluate.py
   cfg = config_lib.load_config_file(a.config)
   if a.dtype:
     cfg.model.dtype = a.dtype
