@@ -24,8 +24,9 @@ def retain_freed_memory() -> bool:
   blocks in afresh (the rho 0 forward at 800x1066 batch 4: 2.1M faults a forward with an arena per thread, none with
   one; 22.5 s by default, 18.9 s with arenas per thread, 17.0 s with one).
 
-  For programs that run the same computation over and over (train.py, evaluate.py, the benchmarks, the test suite);
-  importing the library never calls it. Returns whether it took effect (False where the C library has no glibc
+  For programs that run the same computation over and over (train.py, evaluate.py, the benchmarks); importing the
+  library never calls it. It slows XLA's compilation (the demo's train step 48-51 s -> 57-70 s; so the test suite,
+  mostly compilation, runs without it). Returns whether it took effect (False where the C library has no glibc
   mallopt: macOS, Windows).
   """
   try:

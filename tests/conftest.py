@@ -1,5 +1,5 @@
-"""Shared test set-up: the official fixtures directory, JAX's persistent compilation cache, freed host memory kept
-for reuse, garbage collected after every test."""
+"""Shared test set-up: the official fixtures directory, JAX's persistent compilation cache, garbage collected
+after every test."""
 
 import gc
 import os
@@ -8,8 +8,6 @@ import pathlib
 import jax
 import numpy as np
 import pytest
-
-from sparse_detr_jax import hostmem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("SPARSE_DETR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
@@ -23,7 +21,6 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update(
   "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
 )
-hostmem.retain_freed_memory()  # as train.py and evaluate.py: jitted steps reuse freed memory instead of faulting it in
 
 
 def official(name: str) -> pathlib.Path:
