@@ -10,11 +10,27 @@ benchmarks/official_side.py runs the official side with the same setting.
 """
 
 import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
 
 # mallopt(3) parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
+
+
+def jax_may_use_an_accelerator() -> bool:
+  """Whether JAX would look beyond the CPU, without starting it: a PJRT plugin (the `jax_plugins` namespace or entry
+  points: CUDA, ROCm) or libtpu is installed and JAX_PLATFORMS does not pin the CPU."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and set(platforms.lower().split(",")) <= {"cpu"}:
+    return False
+  if importlib.util.find_spec("libtpu") or importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  namespace = importlib.util.find_spec("jax_plugins")
+  return bool(namespace and any(pkgutil.iter_modules(namespace.submodule_search_locations)))
 
 
 def retain_freed_memory() -> bool:
@@ -25,10 +41,16 @@ def retain_freed_memory() -> bool:
   one; 22.5 s by default, 18.9 s with arenas per thread, 17.0 s with one).
 
   For programs that run the same computation over and over (train.py, evaluate.py, the benchmarks); importing the
-  library never calls it. It slows XLA's compilation (the demo's train step 48-51 s -> 57-70 s; so the test suite,
-  mostly compilation, runs without it). Returns whether it took effect (False where the C library has no glibc
-  mallopt: macOS, Windows).
+  library never calls it. The one arena slows XLA's compilation, whose threads then share one malloc lock (the demo's
+  train step 27 -> 35 s; no mmap and no trimming alone: 27-28 s), so the test suite, mostly compilation, runs
+  without it. Where JAX may run on a GPU or TPU it does nothing: device buffers are not malloc'd, only the
+  compilation would get slower. It must run before JAX starts its CPU backend (set afterwards, XLA's worker threads
+  keep arenas of their own: the rho 0 forward at 800x1066 batch 2 still took 0.9-1.0M faults a forward, against
+  0-6k). Returns whether it took effect (False on an accelerator, and where the C library has no glibc mallopt:
+  macOS, Windows).
   """
+  if jax_may_use_an_accelerator():
+    return False
   try:
     mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
   except (OSError, AttributeError):

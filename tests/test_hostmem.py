@@ -1,10 +1,13 @@
 """hostmem.retain_freed_memory: a freed block is reused without page faults, in the main thread and in a thread
-started later (as XLA's workers are), where by default glibc unmaps it and the next one faults every page in again."""
+started later (as XLA's workers are), where by default glibc unmaps it and the next one faults every page in again;
+nothing is set where JAX may use an accelerator."""
 
+import os
 import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 SIZE = 48 << 20  # fits one of glibc's 64 MB thread heaps
 
@@ -52,3 +55,23 @@ def test_freed_memory_is_reused_without_page_faults(where):
   retained = refaults("retain", where)
   assert refaults("default", where) > pages // 2  # glibc's default: unmapped on free, faulted in again
   assert retained < pages // 100
+
+
+def test_nothing_is_set_where_an_accelerator_plugin_is_installed(tmp_path):
+  """A PJRT plugin in the jax_plugins namespace (as jax-cuda13-plugin installs one): hostmem leaves malloc alone,
+  unless JAX_PLATFORMS pins the CPU."""
+  (tmp_path / "jax_plugins" / "xla_fake").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_fake" / "__init__.py").write_text("")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(ROOT)])
+  check = (
+    "from sparse_detr_jax import hostmem; print(hostmem.jax_may_use_an_accelerator(), hostmem.retain_freed_memory())"
+  )
+
+  def ask(**extra) -> str:
+    cmd = [sys.executable, "-c", check]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, env={**env, **extra}).stdout.strip()
+
+  assert ask() == "True False"  # (plugin found, nothing set)
+  assert ask(JAX_PLATFORMS="cuda,cpu") == "True False"
+  assert ask(JAX_PLATFORMS="cpu").startswith("False ")  # set where glibc has mallopt
