@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 PIP := $(BIN)/pip install -q -c $(LOCK)
 
-.PHONY: install install-bench install-peer test lint format lock demo clean
+.PHONY: install install-bench install-peer gpu-kit test lint format lock demo clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ $(PEER_VENV)/.installed: $(PEER_LOCK)
 	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/pip install -q -r $(PEER_LOCK)
 	touch $@
+
+# What a lent GPU machine needs for issue 13's checks (benchmarks/gpu_session.sh): wheels, the official source, the
+# tiny fixtures, in .gpu-kit/ to carry.
+gpu-kit:
+	bash benchmarks/gpu_session.sh kit
 
 # Two pytest workers (pytest-xdist), one test module each at a time: compiling is single-threaded, so on 2 cores
 # the suite takes ~60% of the time of one process. TEST_WORKERS=0 runs it in this process.

@@ -24,6 +24,7 @@ import ast
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 import types
@@ -62,14 +63,27 @@ def deformable_kernel(src: pathlib.Path, device: str) -> types.ModuleType:
 
     module.ms_deform_attn_forward = module.ms_deform_attn_backward = unavailable
     return module
+  nvcc = shutil.which("nvcc")
+  if nvcc and not {"CUDA_HOME", "CUDA_PATH"} & set(os.environ):
+    # torch's builder takes nvcc's grandparent folder for the toolkit: /usr/local for a /usr/local/bin/nvcc that
+    # links or execs /usr/local/cuda-13.0/bin/nvcc. The first folder with the runtime's headers, then.
+    homes = [pathlib.Path(nvcc).resolve().parents[1], pathlib.Path("/usr/local/cuda")]
+    home = next((h for h in homes if (h / "include" / "cuda_runtime_api.h").exists()), None)
+    if home:
+      os.environ["CUDA_HOME"] = str(home)
   from torch.utils import cpp_extension  # pylint: disable=import-outside-toplevel
 
   ops = src / "models" / "ops" / "src"
+  headers = [ops]
+  if not (pathlib.Path(cpp_extension.CUDA_HOME or "/nonexistent") / "include" / "cusparse.h").exists():
+    # A toolkit of nvcc and the runtime alone: PyTorch's CUDA headers include cuSPARSE's and cuBLAS's, which the
+    # CUDA wheels beside torch hold (nvidia/cu13/include; one folder per library in the cu12 wheels).
+    headers += sorted(pathlib.Path(torch.__file__).parents[1].glob("nvidia/*/include"))
   sources = [ops / "vision.cpp", *sorted((ops / "cpu").glob("*.cpp")), *sorted((ops / "cuda").glob("*.cu"))]
   return cpp_extension.load(  # the flags of the official models/ops/setup.py
     "MultiScaleDeformableAttention",
     [str(s) for s in sources],
-    extra_include_paths=[str(ops)],
+    extra_include_paths=[str(h) for h in headers],
     extra_cflags=["-DWITH_CUDA"],
     extra_cuda_cflags=[
       "-DWITH_CUDA",

@@ -17,7 +17,7 @@ a shared machine's drift, which moves single timings by 25-50% here, meets both 
 side's median, their ratio, the range of the per-round ratios, and each side's fastest round and their ratio
 (what the code costs when the machine is quiet). On a GPU the official model uses its CUDA
 kernel (compiled from the copy, below); on a CPU its pure-PyTorch path, both with every core (torch threads =
-JAX's = cpu count), both processes keeping freed memory for reuse (sparse_detr_jax/hostmem.py).
+JAX's = cpu count), both processes keeping freed memory for reuse on a CPU (sparse_detr_jax/hostmem.py).
 
 The official source is run from a temporary copy with the fixes today's PyTorch needs (printed; the code
 itself is never copied into this project). Speed-up = official time / ours (> 1: ours is faster).
@@ -37,6 +37,9 @@ import sys
 import tempfile
 import time
 
+# On a GPU both sides share the device: JAX takes half its memory up front (not its default 75%), PyTorch's caching
+# allocator the rest as it needs.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 import jax
 import numpy as np
 import train_step

@@ -16,7 +16,7 @@ what is left (gradient clipping, the non-finite guard, metrics), and ops XLA lef
 (XLA:CPU runs independent thunks on its thread pool), so the op times add up to more than the step: the table
 gives each part's share of the op time, and the wall time of the step beside it. A host callback's time (the
 scipy matcher) is its custom-call's. On a GPU the device kernels are attributed through the HLO op named in the
-trace (untested here: no GPU in this project's CI). `--top N` also lists the N longest ops.
+trace's device timelines (untested here: no GPU in this project's CI). `--top N` also lists the N longest ops.
 """
 
 import argparse
@@ -112,9 +112,13 @@ def traced_op_times(step, state, batch, steps: int, ops: dict) -> tuple[collecti
     trace = next(pathlib.Path(d).rglob("*perfetto_trace.json.gz"))
     events = json.loads(gzip.decompress(trace.read_bytes()))
   events = events["traceEvents"] if isinstance(events, dict) else events
+  # On an accelerator only the device's own timelines count: the host's launch events carry the same op names.
+  processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  accelerator = jax.default_backend() != "cpu"
+  devices = {pid for pid, name in processes.items() if accelerator and name.startswith("/device:")}
   times = collections.Counter()
   for e in events:
-    if e.get("ph") != "X":
+    if e.get("ph") != "X" or (devices and e.get("pid") not in devices):
       continue
     name = e.get("args", {}).get("hlo_op", e["name"])
     if name in ops:

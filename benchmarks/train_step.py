@@ -1,7 +1,7 @@
 """Training-step time and peak memory: the CPU demo config, and Sparse DETR rho 0.1 against its dense
 baseline (Deformable DETR + top-k & BBR, rho 0) at 800x1333, batch 2.
 
-    .venv/bin/python benchmarks/train_step.py [--cases demo,r50_rho0,r50_rho0.1] [--steps 3]
+    .venv/bin/python benchmarks/train_step.py [--cases demo,r50_rho0,r50_rho0.1] [--steps 3] [--dtype bfloat16]
 
 Each case runs in a fresh process (so peak memory is its own): the jitted, donated train step of
 trainer.make_train_step on a random batch with 10 boxes per image (the demo: 8, its max_boxes), timed warm
@@ -80,16 +80,21 @@ def step_seconds(config, hw: tuple[int, int], per_device: int, steps: int) -> tu
   return first, (time.perf_counter() - start) / steps
 
 
-def measure(name: str, steps: int) -> dict:
+def measure(name: str, steps: int, dtype: str | None = None) -> dict:
   import jax
 
+  from sparse_detr_jax import config as config_lib
+
   path, (h, w), per_device = CASES[name]
-  first, sec = step_seconds(path, (h, w), per_device, steps)
+  cfg = config_lib.load_config_file(path)
+  cfg.model.dtype = dtype or cfg.model.dtype
+  first, sec = step_seconds(cfg, (h, w), per_device, steps)
   n = per_device * jax.device_count()
   stats = jax.devices()[0].memory_stats() or {}
   return {
     "case": name,
     "device": jax.devices()[0].device_kind,
+    "dtype": cfg.model.dtype,
     "canvas": f"{h}x{w}",
     "batch": n,
     "first_step_s": first,
@@ -104,16 +109,19 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--cases", default=",".join(CASES))
   p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16 (parameters stay float32)")
   p.add_argument("--case", help=argparse.SUPPRESS)  # child process: measure one case, print JSON
   a = p.parse_args()
   if a.case:
     hostmem.retain_freed_memory()  # as train.py
-    print(json.dumps(measure(a.case, a.steps)))
+    print(json.dumps(measure(a.case, a.steps, a.dtype)))
     return
   rows = []
   for name in a.cases.split(","):
     out = subprocess.run(
-      [sys.executable, __file__, "--case", name, "--steps", str(a.steps)], capture_output=True, text=True
+      [sys.executable, __file__, "--case", name, "--steps", str(a.steps), *(["--dtype", a.dtype] if a.dtype else [])],
+      capture_output=True,
+      text=True,
     )
     if out.returncode:  # e.g. out of memory: reported as a row, the other cases still run
       error = [line for line in out.stderr.splitlines() if "Error" in line or "error" in line]
@@ -123,8 +131,8 @@ def main() -> None:
     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
   base = next((r for r in rows if r["case"] == "r50_rho0" and "failed" not in r), None)
   print(
-    "| case | device | canvas | batch | first step s | step s | images/s | peak RSS GiB | device peak GiB "
-    "| time vs rho 0 | RSS vs rho 0 |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| case | device | dtype | canvas | batch | first step s | step s | images/s | peak RSS GiB | device peak GiB "
+    "| time vs rho 0 | RSS vs rho 0 |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
   )
   for r in rows:
     if "failed" in r:
@@ -136,7 +144,7 @@ def main() -> None:
       else "- | -"
     )
     print(
-      f"| {r['case']} | {r['device']} | {r['canvas']} | {r['batch']} | {r['first_step_s']:.1f} | "
+      f"| {r['case']} | {r['device']} | {r['dtype']} | {r['canvas']} | {r['batch']} | {r['first_step_s']:.1f} | "
       f"{r['step_s']:.2f} | {r['images_per_s']:.2f} | {r['peak_rss_gib']:.2f} | {r['device_peak_gib']:.2f} | "
       f"{ratio} |"
     )
