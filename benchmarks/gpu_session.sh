@@ -20,7 +20,7 @@
 #   profile   benchmarks/profile_step.py: where the rho 0.1 train step's time goes, 800x1333 b2 (decides the
 #             Pallas kernel: deformable sampling forward + backward over ~20% of the step)
 #   fixtures  the tiny official fixtures (outputs, every loss term, gradients) on the GPU, with JAX's default matmul
-#             precision and with jax_default_matmul_precision="highest"
+#             precision and with jax_default_matmul_precision="highest"; bf16's distance from them (bf16_fixtures.py)
 #   speed     forward FPS at 800x1066 (sparse_detr_jax.benchmark): rho 0.1 and rho 0 in float32 (default matmul
 #             precision) and bfloat16, then rho 0.1 in float32 with "highest"
 #   train16   train step images/s at 800x1333 b2 (benchmarks/train_step.py), rho 0 and rho 0.1, bfloat16
@@ -65,6 +65,7 @@ stage_fixtures() {
   echo "# jax_default_matmul_precision=highest"
   JAX_DEFAULT_MATMUL_PRECISION=highest SPARSE_DETR_FIXTURES="$PWD/$KIT/fixtures" \
     python3 -m pytest -q -rfEs -p no:cacheprovider $tests -k tiny || rc=1
+  python3 benchmarks/bf16_fixtures.py --fixtures "$KIT/fixtures" --names tiny_sparse,tiny_deformable || rc=1
   return $rc
 }
 
