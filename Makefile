@@ -46,6 +46,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	for f in .ci/run benchmarks/*.sh; do bash -n $$f || exit 1; done  # shell syntax (the GPU script runs elsewhere)
 
 format: install
 	$(BIN)/ruff check --fix .
