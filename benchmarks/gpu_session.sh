@@ -4,15 +4,15 @@
 #   bash benchmarks/gpu_session.sh kit                      # here, on a CPU machine with PyPI (make gpu-kit)
 #   bash benchmarks/gpu_session.sh run STAGE [STAGE ...]    # there, in the repository root, with .gpu-kit/ carried
 #
-# `kit` fills .gpu-kit/ (git-ignored, ~51 MB): Python 3.12 wheels of this project's pins that the GPU image lacks
+# `kit` fills .gpu-kit/ (git-ignored, ~48 MB): Python 3.12 wheels of this project's pins that the GPU image lacks
 # or holds at other versions (flax, optax, orbax-checkpoint, ml_collections, grain, array_record, pycocotools,
 # portpicker), a copy of the official source (../shared does not travel) and the tiny official fixtures (the r50
 # one, 70 MB, does not fit the 64 MiB a call carries). The GPU image has python3 with PyTorch, torchvision, nvcc,
 # ninja and JAX 0.11 for CUDA; this project's suite passes on the CPU with JAX 0.11.2 and these pins too.
 # `run` installs the wheels into /tmp/site and runs the stages in the order given; each one's output goes to
 # $OUT/STAGE.log as it runs (what a stage printed comes back even when the call's time limit cuts it off), ending
-# with its exit status and seconds. JAX's compilation cache and the official kernel's build live in .gpu-cache/
-# (git-ignored), so a second call on the same warm machine skips what the first compiled.
+# with its exit status and seconds. JAX's compilation cache lives in .gpu-cache/ (git-ignored), so a second call on
+# the same warm machine loads what the first compiled (the official kernel is rebuilt by each peer run, ~1 min).
 #
 # Stages:
 #   peer      benchmarks/peer_official.py: official PyTorch with its CUDA kernel vs ours, same weights and images,
@@ -46,7 +46,7 @@ kit() {
   du -sh "$KIT"
 }
 
-bench() {  # sparse_detr_jax.benchmark's last line, with what was measured
+bench() {  # sparse_detr_jax.benchmark's last two lines: what was measured, and its numbers
   python3 -m sparse_detr_jax.benchmark --min_seconds 2 "$@" | tail -n 2
 }
 
@@ -86,7 +86,7 @@ run() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$KIT"/wheels/*.whl || exit 1
   export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-  export JAX_COMPILATION_CACHE_DIR="$PWD/.gpu-cache/jax" TORCH_EXTENSIONS_DIR="$PWD/.gpu-cache/torch_extensions"
+  export JAX_COMPILATION_CACHE_DIR="$PWD/.gpu-cache/jax"
   {
     date -u +%FT%TZ
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
