@@ -30,11 +30,9 @@ setup(
     "flatbuffers>=24,<26",  # jax.export serialization (Detector.from_export)
   ],
   extras_require={
-    # CPU build of PyTorch, only to read official .pth checkpoints.
-    "convert": ["torch==2.13.0"],
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "torch==2.13.0"],
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
     "lint": ["ruff>=0.17,<0.18"],
     # The PyTorch peer for benchmarks/peer_hf.py.
-    "bench": ["torch==2.13.0", "transformers==5.23.0"],
+    "bench": ["torch==2.14.1", "transformers==5.23.0"],
   },
 )

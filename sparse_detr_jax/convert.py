@@ -5,8 +5,8 @@
     from sparse_detr_jax import convert
     model, variables, config = convert.load_official("r50_sparse_detr_rho_0.1.pth")
 
-The checkpoint is read with `torch.load(weights_only=True)`, allowing only `argparse.Namespace`
-besides tensors: a pickle that would run code is refused. Every official key maps to exactly one
+The checkpoint is read without PyTorch (`pth.load`), allowing only tensors, containers and
+`argparse.Namespace`: a pickle that would run code is refused. Every official key maps to exactly one
 variable; keys the official model stores twice (shared heads, `transformer.decoder.class_embed` ...)
 must hold equal tensors. Unknown, missing or mis-shaped keys are an error that lists them.
 """
@@ -14,7 +14,6 @@ must hold equal tensors. Unknown, missing or mis-shaped keys are an error that l
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import pth
 from sparse_detr_jax.model import (
   SparseDETR,
   build_model,
@@ -216,26 +216,23 @@ def swin_config_from_state(state: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
-  """Read an official .pth safely: (state_dict as float32 numpy, args as dict or None)."""
-  import torch  # pylint: disable=import-outside-toplevel  (the `convert` extra)
-
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such checkpoint file")
-  torch.serialization.add_safe_globals([argparse.Namespace])
-  try:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise ValueError(
-      f"{path}: refused to load: it holds objects other than tensors and argparse.Namespace, "
-      f"which could run code; only weights-only checkpoints are accepted ({e})"
-    ) from None
-  if isinstance(ckpt, dict) and "model" in ckpt:
+  """Read an official .pth safely, without PyTorch: (state_dict as float32 numpy, args as dict or None)."""
+  ckpt = pth.load(path)
+  if isinstance(ckpt, dict) and "model" in ckpt and isinstance(ckpt["model"], dict):
     sd, args = ckpt["model"], ckpt.get("args")
-  elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+  elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, np.ndarray) for v in ckpt.values()):
     sd, args = ckpt, None
   else:
-    raise ValueError(f"{path}: expected {{'model': state_dict, 'args': Namespace}} or a bare state_dict")
-  state = {k: v.detach().to(torch.float32).numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+    raise pth.CheckpointError(
+      f"{path}: a PyTorch file, but not a checkpoint: expected {{'model': state_dict, 'args': Namespace}} or a "
+      f"bare state_dict, found {type(ckpt).__name__}"
+      + (f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else "")
+    )
+  bad = sorted(k for k, v in sd.items() if not isinstance(v, np.ndarray))
+  if bad:
+    raise pth.CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:8]}")
+  state = {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v
+           for k, v in sd.items()}  # fmt: skip
   return state, (vars(args) if isinstance(args, argparse.Namespace) else args)
 
 

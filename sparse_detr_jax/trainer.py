@@ -172,7 +172,7 @@ def load_for_inference(
   the workdir's config; directory: the training workdir, else the directory holding the weights.
   """
   p = pathlib.Path(path).absolute()
-  if p.suffix == ".pth":
+  if p.suffix == ".pth" or p.is_file():  # pth.load names what any other file holds
     model, variables, _ = convert.load_official(str(p))
     return model, variables, cfg, str(p.parent)
   if (p / "variables").is_dir() and (p / convert.CONFIG_FILE).is_file():
@@ -187,8 +187,9 @@ def load_for_inference(
   elif p.parent.name == "checkpoints" and p.name.isdigit():
     workdir = p.parent.parent
   else:
-    raise FileNotFoundError(
-      f"{path}: expected an official .pth, a directory written by sparse_detr_jax.convert, a training workdir "
+    raise (FileNotFoundError if not p.exists() else ValueError)(
+      f"{path}: {'no such file or directory' if not p.exists() else 'not a checkpoint directory'}: "
+      "expected an official .pth, a directory written by sparse_detr_jax.convert, a training workdir "
       "or a checkpoint step directory WORKDIR/checkpoints/N"
     )
   cfg = cfg or workdir_lib.load_config(str(workdir))

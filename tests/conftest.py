@@ -12,6 +12,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("SPARSE_DETR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "official"))
 REQUIRE_FIXTURES = os.environ.get("SPARSE_DETR_REQUIRE_FIXTURES", "") == "1"
+# The official code's Python (torch + torchvision: `make install-peer`), for the tests that ask PyTorch itself.
+PEER_PYTHON = pathlib.Path(os.environ.get("SPARSE_DETR_PEER_PYTHON", ROOT / ".peer-venv" / "bin" / "python"))
+REQUIRE_PEER = os.environ.get("SPARSE_DETR_REQUIRE_PEER", "") == "1"
 
 # JAX's persistent compilation cache, for this process and (through the environment) the train.py and
 # check-script processes the tests start.
@@ -32,6 +35,17 @@ def official(name: str) -> pathlib.Path:
       f"official PyTorch outputs (default ../shared/fixtures/official)"
     )
     if REQUIRE_FIXTURES:
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
+def require_peer(path: pathlib.Path = PEER_PYTHON, what: str = "") -> pathlib.Path:
+  """`path` (default: the peer's Python); skip (or fail, with SPARSE_DETR_REQUIRE_PEER=1) when absent."""
+  if not path.exists():
+    what = what or "run 'make install-peer' (or set SPARSE_DETR_PEER_PYTHON to a Python with torch + torchvision)"
+    msg = f"{path} not found: {what}"
+    if REQUIRE_PEER:
       pytest.fail(msg)
     pytest.skip(msg)
   return path

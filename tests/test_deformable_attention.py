@@ -1,11 +1,12 @@
-"""Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample."""
+"""Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample (in the peer's Python)."""
 
 import itertools
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from conftest import require_peer
 
 from sparse_detr_jax.deformable_attention import MSDeformAttn, deformable_sample
 
@@ -57,23 +58,32 @@ def test_points_outside_every_level_read_zero():
   assert np.all(np.asarray(got) == 0.0)
 
 
-def test_matches_torch_grid_sample():
-  torch = pytest.importorskip("torch")
-  F = torch.nn.functional
+# PyTorch's grid_sample per level, weighted and summed over points: the official pure-PyTorch sampling.
+GRID_SAMPLE = """
+import sys, numpy as np, torch
+F = torch.nn.functional
+d = np.load(sys.argv[1]); value, locs, weights, shapes = d["value"], d["locs"], d["weights"], d["shapes"]
+b, n, m, dim = value.shape
+q, p = locs.shape[1], locs.shape[4]
+starts = np.cumsum([0] + [h * w for h, w in shapes])
+expected = 0
+for li, (h, w) in enumerate(shapes):
+  v = torch.from_numpy(value[:, starts[li] : starts[li + 1]]).permute(0, 2, 3, 1).reshape(b * m, dim, h, w)
+  g = torch.from_numpy(2 * locs[:, :, :, li] - 1).permute(0, 2, 1, 3, 4).reshape(b * m, q, p, 2)
+  s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, D, Q, P)
+  wl = torch.from_numpy(weights[:, :, :, li]).permute(0, 2, 1, 3).reshape(b * m, 1, q, p)
+  expected = expected + (s * wl).sum(-1)
+np.save(sys.argv[2], expected.reshape(b, m, dim, q).permute(0, 3, 1, 2).reshape(b, q, m * dim).numpy())
+"""
+
+
+def test_matches_torch_grid_sample(tmp_path):
+  peer = require_peer()
   value, locs, weights = _inputs(seed=1)
-  b, n, m, d = value.shape
-  q, p = locs.shape[1], locs.shape[4]
-  starts = np.cumsum([0] + [h * w for h, w in SHAPES])
-  expected = 0
-  for li, (h, w) in enumerate(SHAPES):
-    v = torch.from_numpy(value[:, starts[li] : starts[li + 1]]).permute(0, 2, 3, 1).reshape(b * m, d, h, w)
-    g = torch.from_numpy(2 * locs[:, :, :, li] - 1).permute(0, 2, 1, 3, 4).reshape(b * m, q, p, 2)
-    s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*M, D, Q, P)
-    wl = torch.from_numpy(weights[:, :, :, li]).permute(0, 2, 1, 3).reshape(b * m, 1, q, p)
-    expected = expected + (s * wl).sum(-1)
-  expected = expected.reshape(b, m, d, q).permute(0, 3, 1, 2).reshape(b, q, m * d).numpy()
+  np.savez(tmp_path / "in.npz", value=value, locs=locs, weights=weights, shapes=np.array(SHAPES))
+  subprocess.run([str(peer), "-c", GRID_SAMPLE, str(tmp_path / "in.npz"), str(tmp_path / "out.npy")], check=True)
   got = deformable_sample(value, SHAPES, locs, weights)
-  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got), np.load(tmp_path / "out.npy"), atol=1e-5)
 
 
 def test_gradients_match_numpy_finite_differences():

@@ -8,26 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import PEER_PYTHON, ROOT, require_peer
 
 OFFICIAL = pathlib.Path(
   os.environ.get("SPARSE_DETR_OFFICIAL_SRC", ROOT.parent / "shared" / "official-src" / "sparse-detr")
 )
-PEER_PYTHON = pathlib.Path(os.environ.get("SPARSE_DETR_PEER_PYTHON", ROOT / ".peer-venv" / "bin" / "python"))
-REQUIRE_PEER = os.environ.get("SPARSE_DETR_REQUIRE_PEER", "") == "1"
-
-
-def require(path: pathlib.Path, what: str) -> None:
-  if not path.exists():
-    msg = f"{path} not found: {what}"
-    if REQUIRE_PEER:
-      pytest.fail(msg)
-    pytest.skip(msg)
 
 
 def test_tiny_rows_agree_and_report():
-  require(OFFICIAL / "models", "set SPARSE_DETR_OFFICIAL_SRC to the official source (default ../shared/official-src)")
-  require(PEER_PYTHON, "run 'make install-peer' (or set SPARSE_DETR_PEER_PYTHON to a Python with torch + torchvision)")
+  require_peer(
+    OFFICIAL / "models", "set SPARSE_DETR_OFFICIAL_SRC to the official source (default ../shared/official-src)"
+  )
+  require_peer()
   cmd = [
     sys.executable, str(ROOT / "benchmarks" / "peer_official.py"),
     f"--official={OFFICIAL}", f"--peer-python={PEER_PYTHON}",
