@@ -1,4 +1,5 @@
-"""Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample (in the peer's Python)."""
+"""Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample (in the
+peer's Python)."""
 
 import itertools
 import subprocess

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 from conftest import PEER_PYTHON, ROOT, require_peer
 
 OFFICIAL = pathlib.Path(

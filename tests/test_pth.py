@@ -28,7 +28,8 @@ torch.save(obj, f"{out}/zip.pth")
 torch.save(obj, f"{out}/legacy.pth", _use_new_zipfile_serialization=False)
 for name in ("zip", "legacy"):
   back = torch.load(f"{out}/{name}.pth", weights_only=True)["model"]
-  np.savez(f"{out}/{name}.npz", **{k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() for k, v in back.items()})
+  back = {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy() for k, v in back.items()}
+  np.savez(f"{out}/{name}.npz", **back)
 fix = torch.load(fixture, map_location="cpu", weights_only=True)["model"]
 np.savez(f"{out}/fixture.npz", **{k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in fix.items()})
 """
