@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 PIP := $(BIN)/pip install -q -c $(LOCK)
 
-.PHONY: install install-bench install-peer gpu-kit test lint format lock demo clean
+.PHONY: install install-bench install-peer install-libtpu install-jax-cuda preflight gpu-kit test lint format lock demo clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,33 @@ $(PEER_VENV)/.installed: $(PEER_LOCK)
 	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/pip install -q -r $(PEER_LOCK)
 	touch $@
+
+# Pre-flight for a TPU slice or an NVIDIA GPU machine on this CPU machine (sparse_detr_jax/preflight.py), e.g.
+#   make preflight CONFIG=configs/r50_sparse_detr_rho_0.1.py TOPOLOGY=v5e-16 BATCH=4 CANVASES=largest
+# The compilers live outside .venv, so that training and the suite never load them: libtpu (the release
+# jax[tpu] asks for at the locked JAX) in $(LIBTPU), JAX's CUDA plugin (~4 GB) in $(JAX_CUDA), for GPU topologies only.
+LIBTPU ?= .libtpu
+LIBTPU_PIN := libtpu==0.0.42.1
+JAX_CUDA ?= .jax-cuda
+JAX_CUDA_PINS := 'jax-cuda13-plugin[with-cuda]==0.10.2' 'jax-cuda13-pjrt==0.10.2'
+CONFIG ?= configs/r50_sparse_detr_rho_0.1.py
+TOPOLOGY ?= v5e-16
+BATCH ?= 0
+CANVASES ?= largest
+install-libtpu: $(LIBTPU)/.installed
+$(LIBTPU)/.installed: install
+	$(BIN)/pip install -q --no-deps --target $(LIBTPU) '$(LIBTPU_PIN)'
+	touch $@
+
+install-jax-cuda: $(JAX_CUDA)/.installed
+$(JAX_CUDA)/.installed: install
+	$(BIN)/pip install -q --target $(JAX_CUDA) $(JAX_CUDA_PINS)
+	touch $@
+
+preflight: $(if $(filter a100-% h100-% h200-%,$(TOPOLOGY)),install-jax-cuda,install-libtpu)
+	TPU_LIBRARY_PATH=$(abspath $(LIBTPU))/libtpu/libtpu.so SPARSE_DETR_JAX_CUDA=$(abspath $(JAX_CUDA)) \
+	    $(BIN)/python -m sparse_detr_jax.preflight \
+	    --config $(CONFIG) --topology $(TOPOLOGY) --per_chip_batch $(BATCH) --canvases $(CANVASES) $(PREFLIGHT_FLAGS)
 
 # What a lent GPU machine needs for issue 13's checks (benchmarks/gpu_session.sh): wheels, the official source, the
 # tiny fixtures, in .gpu-kit/ to carry.
@@ -75,4 +102,4 @@ demo: install
 	    --threshold 0.3 --mechanism --out $(DEMO)/pictures $$(ls data/shapes/val/*.jpg | head -n 8)
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) $(PEER_VENV) .jax_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) $(PEER_VENV) $(LIBTPU) $(JAX_CUDA) .jax_cache .pytest_cache *.egg-info

@@ -10,7 +10,7 @@ Prints the standard 12-number COCO table and writes eval_results.json / eval_met
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_detr_jax import evaluator, hostmem, logs, loop, trainer
+from sparse_detr_jax import evaluator, hostmem, logs, loop, trainer, xla_flags
 from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
@@ -28,6 +28,7 @@ def main(argv):
   logs.quiet_library_logs()
   if FLAGS.retain_host_memory:
     hostmem.retain_freed_memory()
+  xla_flags.set_gpu_flags()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
     raise app.UsageError("give --workdir or --checkpoint")

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import hostmem, logs, loop, trainer, workdir
+from sparse_detr_jax import hostmem, logs, loop, trainer, workdir, xla_flags
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and eval results go here")
@@ -54,6 +54,7 @@ def main(argv):
   logs.quiet_library_logs()
   if FLAGS.retain_host_memory:
     hostmem.retain_freed_memory()
+  xla_flags.set_gpu_flags()
   init_distributed()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   config_lib.validate(FLAGS.config.model)

@@ -24,6 +24,9 @@
 #   speed     forward FPS at 800x1066 (sparse_detr_jax.benchmark): rho 0.1 and rho 0 in float32 (default matmul
 #             precision) and bfloat16, then rho 0.1 in float32 with "highest"
 #   train16   train step images/s at 800x1333 b2 (benchmarks/train_step.py), rho 0 and rho 0.1, bfloat16
+#   gemm      the r50 rho 0.1 train step at 800x1333 with 4 images per GPU, with XLA's default flags and with the
+#             one train.py sets on GPUs (sparse_detr_jax/xla_flags.py): whether the default compiles on a real GPU
+#             (compiled without one, XLA:GPU finds no tiling for a decoder GEMM) and which is faster
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu-kit
@@ -80,6 +83,17 @@ stage_train16() {
   python3 benchmarks/train_step.py --cases r50_rho0,r50_rho0.1 --dtype bfloat16
 }
 
+stage_gemm() {
+  local rc=0 flags
+  for flags in "" "--xla_gpu_enable_triton_gemm=false"; do
+    echo "# XLA_FLAGS='$flags'"
+    XLA_FLAGS="$flags" python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import train_step
+first, warm = train_step.step_seconds('configs/r50_sparse_detr_rho_0.1.py', (800, 1333), 4, 5)
+print(f'first step (with compilation) {first:.1f} s, warm step {warm:.3f} s, {4 / warm:.1f} images/s')" || rc=1
+  done
+  return $rc
+}
+
 run() {
   local out="${OUT:-/tmp/gpu_session}"
   mkdir -p "$out"
@@ -106,5 +120,5 @@ run() {
 case "${1:-}" in
   kit) kit ;;
   run) shift; run "$@" ;;
-  *) echo "usage: bash benchmarks/gpu_session.sh kit | run STAGE... (peer profile fixtures speed train16)" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/gpu_session.sh kit | run STAGE... (peer profile fixtures speed train16 gemm)" >&2; exit 2 ;;
 esac

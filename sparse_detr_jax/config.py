@@ -13,6 +13,7 @@ import ml_collections
 # The official code's backbones ('none' = the image itself is the first feature level), and this
 # project's small_convnet for CPU demos (backbone.SmallConvNet).
 BACKBONES = ("resnet50", "none", "swin-t", "small_convnet")
+SCAN_SETTINGS = ("auto", "scan", "unroll")  # model.scan_layers
 
 # Landscape canvases (h, w) for COCO at scales 480..800 / max_size 1333, and their transposes.
 _LANDSCAPE = ((544, 736), (640, 864), (736, 992), (800, 1088), (800, 1333), (704, 704))
@@ -42,6 +43,7 @@ def model_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.rho = 0.1  # share of encoder tokens updated by the encoder (0 = dense)
   c.aux_loss = True
   c.dtype = "float32"  # compute dtype; parameters stay float32
+  c.scan_layers = "auto"  # 'scan' | 'unroll' | 'auto' (scan on accelerators): see scans_layers
   # Swin backbone shape (used when backbone == 'swin-t'); swin-t defaults, as the official yaml.
   c.swin = ml_collections.ConfigDict(
     dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.2)
@@ -114,10 +116,25 @@ def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
   return e
 
 
+def scans_layers(c: ml_collections.ConfigDict) -> bool:
+  """Whether the encoder and decoder layers run as one `lax.scan` each, and the losses of their prediction sets as
+  one vmapped computation (model.scan_layers): 'scan', 'unroll', or 'auto' (the default): scanned on accelerators,
+  where XLA then compiles one layer body (and one matching) instead of one per layer, unrolled on the CPU. Both
+  compute the same values up to float rounding; under dropout their random streams differ."""
+  setting = c.get("scan_layers", "auto")
+  if setting not in SCAN_SETTINGS:
+    raise ValueError(f"model.scan_layers: expected one of {SCAN_SETTINGS}, got {setting!r}")
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return setting == "scan" or (setting == "auto" and jax.default_backend() != "cpu")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ValueError naming the field when a model config cannot be built."""
   if c.backbone not in BACKBONES:
     raise ValueError(f"model.backbone: expected one of {BACKBONES}, got {c.backbone!r}")
+  if c.get("scan_layers", "auto") not in SCAN_SETTINGS:
+    raise ValueError(f"model.scan_layers: expected one of {SCAN_SETTINGS}, got {c.scan_layers!r}")
   if not 0.0 <= c.rho < 1.0:
     raise ValueError(f"model.rho: expected 0 <= rho < 1, got {c.rho}")
   if c.hidden_dim % c.nheads or c.hidden_dim % 32:

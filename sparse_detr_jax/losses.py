@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from sparse_detr_jax import box_ops, dam, matcher
+from sparse_detr_jax import config as config_lib
 
 DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)  # stands in for padded targets so no NaN reaches the gradients
 
@@ -131,6 +132,24 @@ def _set_losses(
   return out
 
 
+def _losses_of_sets(
+  sets: list[dict[str, jnp.ndarray]],
+  targets: dict[str, jnp.ndarray],
+  num_boxes: jnp.ndarray,
+  slot_valid: jnp.ndarray,
+  lc: ml_collections.ConfigDict,
+  stacked: bool,
+) -> list[dict[str, jnp.ndarray]]:
+  """`_set_losses` (with class_error) of prediction sets of one shape (the decoder layers', the encoder layers'):
+  one by one, or with `stacked` vmapped over the stacked sets, so that the program holds one matching and one set
+  of loss terms for them all (the same values)."""
+  if not stacked or len(sets) == 1:
+    return [_set_losses(p, targets, num_boxes, slot_valid, lc, log=True) for p in sets]
+  preds = jax.tree.map(lambda *xs: jnp.stack(xs), *sets)  # (S, B, Q, ...)
+  per = jax.vmap(lambda p: _set_losses(p, targets, num_boxes, slot_valid, lc, log=True))(preds)
+  return [{k: v[i] for k, v in per.items()} for i in range(len(sets))]
+
+
 def compute(
   outputs: dict[str, Any],
   targets: dict[str, jnp.ndarray],
@@ -146,9 +165,13 @@ def compute(
   num_boxes = jnp.maximum(num_boxes, 1.0)
   every_slot = lambda p: jnp.ones(p["pred_logits"].shape[:2], bool)
 
-  losses = _set_losses(outputs, targets, num_boxes, every_slot(outputs), lc, log=True)
-  for i, aux in enumerate(outputs.get("aux_outputs", [])):
-    losses.update({f"{k}_{i}": v for k, v in _set_losses(aux, targets, num_boxes, every_slot(aux), lc, False).items()})
+  stacked = config_lib.scans_layers(mc)  # one traced copy of the matching and losses for same-shaped sets
+  final = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+  decoder_sets = [*outputs.get("aux_outputs", []), final]
+  per_set = _losses_of_sets(decoder_sets, targets, num_boxes, every_slot(outputs), lc, stacked)
+  losses = per_set[-1]
+  for i, set_losses in enumerate(per_set[:-1]):
+    losses.update({f"{k}_{i}": v for k, v in set_losses.items() if k != "class_error"})
   if "enc_outputs" in outputs:
     enc_targets = targets if mc.eff_specific_head else dict(targets, labels=jnp.zeros_like(targets["labels"]))
     enc = _set_losses(outputs["enc_outputs"], enc_targets, num_boxes, every_slot(outputs["enc_outputs"]), lc, False)
@@ -157,9 +180,11 @@ def compute(
     k_slots = outputs["backbone_topk_proposals"].shape[1]
     batch_slots = jnp.arange(k_slots)[None, :] < jnp.max(outputs["sparse_token_nums"])  # (1, K): official K
     batch_slots = jnp.broadcast_to(batch_slots, outputs["backbone_topk_proposals"].shape)
-  for i, aux in enumerate(outputs.get("aux_outputs_enc", [])):
-    slots = batch_slots if "sparse_token_nums" in outputs else every_slot(aux)
-    losses.update({f"{k}_enc_{i}": v for k, v in _set_losses(aux, targets, num_boxes, slots, lc, False).items()})
+  enc_sets = outputs.get("aux_outputs_enc", [])
+  if enc_sets:
+    slots = batch_slots if "sparse_token_nums" in outputs else every_slot(enc_sets[0])
+    for i, set_losses in enumerate(_losses_of_sets(enc_sets, targets, num_boxes, slots, lc, stacked)):
+      losses.update({f"{k}_enc_{i}": v for k, v in set_losses.items() if k != "class_error"})
   if "backbone_mask_prediction" in outputs:
     shapes = [tuple(int(x) for x in hw) for hw in np.asarray(outputs["spatial_shapes"])]
     attn = jax.lax.stop_gradient(

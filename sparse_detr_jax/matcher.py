@@ -24,9 +24,9 @@ MATCH_LOG_EPS = 1e-8  # inside the logs of the official focal matching cost
 SOLVERS = ("auto", "scipy", "jax")
 
 
-def default_solver() -> str:
-  """The solver 'auto' means on this backend."""
-  return "jax" if jax.default_backend() == "tpu" else "scipy"
+def default_solver(platform: str | None = None) -> str:
+  """The solver 'auto' means on `platform` (default: this process's backend)."""
+  return "jax" if (platform or jax.default_backend()) == "tpu" else "scipy"
 
 
 def matching_cost(

@@ -116,6 +116,79 @@ class SparseDETR(nn.Module):
     """Official two-stage memory processing: zero padded/invalid tokens, Linear, LayerNorm. (B, N, C)."""
     return self.enc_output_norm(self.enc_output(jnp.where(proposal_valid[..., None], memory, 0.0)))
 
+  def _decoder_step(self, layer, heads, tgt, query_pos, reference, ratios, memory, shapes, mask_flat, det):
+    """One decoder layer and its heads: (tgt, next reference, (logits, boxes, sampling locations, weights));
+    with refinement each layer's box is the next layer's reference."""
+    cls_head, box_head = heads
+    scale = jnp.concatenate([ratios, ratios], -1) if reference.shape[-1] == 4 else ratios
+    ref_in = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2|4)
+    tgt, loc, attw = layer(tgt, query_pos, ref_in, memory, shapes, mask_flat, det)
+    delta = box_head(tgt).astype(jnp.float32)  # (B, Q, 4)
+    inv_ref = inverse_sigmoid(reference)
+    unact = delta + inv_ref if reference.shape[-1] == 4 else delta.at[..., :2].add(inv_ref)
+    box = jax.nn.sigmoid(unact)
+    if self.config.with_box_refine:
+      reference = jax.lax.stop_gradient(box)
+    return tgt, reference, (cls_head(tgt).astype(jnp.float32), box, loc, attw)
+
+  def _scanned(self) -> bool:
+    return config_lib.scans_layers(self.config) and not self.is_initializing()
+
+  def _stacked(self, name: str, ids) -> Any:
+    """The parameters of submodules NAME_i for i in ids, stacked on a new leading axis."""
+    p = self.variables["params"]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(p[f"{name}_{i}"] for i in ids))
+
+  def _layer_keys(self, n: int, det: bool) -> jnp.ndarray:
+    """One dropout key per scanned layer: (n, 2) uint32 (unused, zeros, when deterministic)."""
+    return jnp.zeros((n, 2), jnp.uint32) if det else jax.random.split(self.make_rng("dropout"), n)
+
+  def _scanned_encoder(self, tgt, memory, sel, q_pos, q_ref, shapes, mask_flat, det):
+    """The encoder layers as one `lax.scan` over their stacked parameters (one compiled layer body).
+    Returns (tgt, memory, per-layer tgt (enc_layers, B, K|N, C))."""
+    layer = self.encoder_layers[0].clone(parent=None)
+
+    def body(carry, xs):
+      tgt, memory = carry
+      params, key = xs
+      rngs = {} if det else {"dropout": key}
+      tgt = layer.apply({"params": params}, tgt, q_pos, q_ref, memory, shapes, mask_flat, det, rngs=rngs)
+      memory = scatter_kept(memory, tgt, sel) if sel is not None else tgt
+      return (tgt, memory), tgt
+
+    n = self.config.enc_layers
+    xs = (self._stacked("encoder_layers", range(n)), self._layer_keys(n, det))
+    (tgt, memory), per_layer = jax.lax.scan(body, (tgt, memory), xs)
+    return tgt, memory, per_layer
+
+  def _scanned_decoder(self, tgt, query_pos, reference, ratios, memory, shapes, mask_flat, det):
+    """The decoder layers and their heads as one `lax.scan`: per-layer (logits, boxes, locations, weights), each
+    stacked on a leading layer axis."""
+    c = self.config
+    n = c.dec_layers
+    layer = self.decoder_layers[0].clone(parent=None)
+    cls_head, box_head = (h.clone(parent=None) for h in self._head(0))
+    if heads_are_cloned(c):
+      head_params = (self._stacked("class_embed", range(n)), self._stacked("bbox_embed", range(n)))
+    else:  # one head shared by every layer
+      shared = (self.variables["params"]["class_embed_0"], self.variables["params"]["bbox_embed_0"])
+      head_params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), shared)
+
+    def body(carry, xs):
+      tgt, reference = carry
+      params, (cls_p, box_p), key = xs
+      rngs = {} if det else {"dropout": key}
+      apply = lambda *a: layer.apply({"params": params}, *a, rngs=rngs)
+      heads = (lambda x: cls_head.apply({"params": cls_p}, x), lambda x: box_head.apply({"params": box_p}, x))
+      tgt, reference, outputs = self._decoder_step(
+        apply, heads, tgt, query_pos, reference, ratios, memory, shapes, mask_flat, det
+      )
+      return (tgt, reference), outputs
+
+    xs = (self._stacked("decoder_layers", range(n)), head_params, self._layer_keys(n, det))
+    _, (logits, boxes, locs, attws) = jax.lax.scan(body, (tgt, reference), xs)
+    return list(logits), list(boxes), list(locs), list(attws)
+
   def __call__(self, images: jnp.ndarray, padding_mask: jnp.ndarray, train: bool = False) -> dict[str, Any]:
     """images (B, H, W, 3) float32 normalised; padding_mask (B, H, W) bool, True on padding.
 
@@ -173,22 +246,28 @@ class SparseDETR(nn.Module):
       )
     else:
       q_pos, q_ref, q_props = pos_flat, ref_enc, proposals
+    if self._scanned():
+      tgt, memory, per_layer = self._scanned_encoder(tgt if sel is not None else memory, memory, sel, q_pos, q_ref,
+                                                     shapes, mask_flat, det)  # fmt: skip
+    else:
+      per_layer = []
+      for layer in self.encoder_layers:
+        if sel is not None:
+          tgt = layer(tgt, q_pos, q_ref, memory, shapes, mask_flat, det)
+          memory = scatter_kept(memory, tgt, sel)
+        else:
+          tgt = memory = layer(memory, q_pos, q_ref, memory, shapes, mask_flat, det)
+        per_layer.append(tgt)
     enc_aux = []
     first_enc_aux_head = num_prediction_heads(c) - (c.enc_layers - 1)
-    for lid, layer in enumerate(self.encoder_layers):
-      if sel is not None:
-        tgt = layer(tgt, q_pos, q_ref, memory, shapes, mask_flat, det)
-        memory = scatter_kept(memory, tgt, sel)
-      else:
-        tgt = memory = layer(memory, q_pos, q_ref, memory, shapes, mask_flat, det)
-      if c.use_enc_aux_loss and lid < c.enc_layers - 1:
-        cls_head, box_head = self._head(first_enc_aux_head + lid)
-        enc_aux.append(
-          {
-            "pred_logits": cls_head(tgt).astype(jnp.float32),
-            "pred_boxes": jax.nn.sigmoid((q_props + box_head(tgt)).astype(jnp.float32)),
-          }
-        )
+    for lid in range(c.enc_layers - 1 if c.use_enc_aux_loss else 0):
+      cls_head, box_head = self._head(first_enc_aux_head + lid)
+      enc_aux.append(
+        {
+          "pred_logits": cls_head(per_layer[lid]).astype(jnp.float32),
+          "pred_boxes": jax.nn.sigmoid((q_props + box_head(per_layer[lid])).astype(jnp.float32)),
+        }
+      )
     if c.use_enc_aux_loss:
       out["aux_outputs_enc"] = enc_aux
 
@@ -213,22 +292,17 @@ class SparseDETR(nn.Module):
       reference = jax.nn.sigmoid(self.reference_points(query_pos).astype(jnp.float32))  # (B, Q, 2)
 
     # Decoder with per-layer heads; with refinement each layer's box is the next layer's reference.
-    logits, boxes, locs, attws = [], [], [], []
-    for lid, layer in enumerate(self.decoder_layers):
-      scale = jnp.concatenate([ratios, ratios], -1) if reference.shape[-1] == 4 else ratios
-      ref_in = reference[:, :, None] * scale[:, None]  # (B, Q, L, 2|4)
-      tgt, loc, attw = layer(tgt, query_pos, ref_in, memory, shapes, mask_flat, det)
-      cls_head, box_head = self._head(lid)
-      delta = box_head(tgt).astype(jnp.float32)  # (B, Q, 4)
-      inv_ref = inverse_sigmoid(reference)
-      unact = delta + inv_ref if reference.shape[-1] == 4 else delta.at[..., :2].add(inv_ref)
-      box = jax.nn.sigmoid(unact)
-      if c.with_box_refine:
-        reference = jax.lax.stop_gradient(box)
-      logits.append(cls_head(tgt).astype(jnp.float32))
-      boxes.append(box)
-      locs.append(loc)
-      attws.append(attw)
+    if self._scanned():
+      logits, boxes, locs, attws = self._scanned_decoder(tgt, query_pos, reference, ratios, memory, shapes,
+                                                         mask_flat, det)  # fmt: skip
+    else:
+      logits, boxes, locs, attws = [], [], [], []
+      for lid, layer in enumerate(self.decoder_layers):
+        tgt, reference, outputs = self._decoder_step(
+          layer, self._head(lid), tgt, query_pos, reference, ratios, memory, shapes, mask_flat, det
+        )
+        for acc, x in zip((logits, boxes, locs, attws), outputs, strict=True):
+          acc.append(x)
     out.update(
       pred_logits=logits[-1],
       pred_boxes=boxes[-1],

@@ -21,6 +21,7 @@ CONFIG_FILE = "config.json"
 
 # Dotted fields (or `block.` prefixes) a resumed run may change.
 HARMLESS = (
+  "model.scan_layers",
   "train.max_steps",
   "train.epochs",
   "train.checkpoint_every",

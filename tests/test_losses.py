@@ -10,6 +10,7 @@ import pytest
 from conftest import load_npz, official
 
 from sparse_detr_jax import convert, losses
+from sparse_detr_jax import model as model_lib
 
 FIXTURES = ["tiny_sparse", "tiny_deformable", "r50_sparse", "swin_sparse"]
 MAX_BOXES = 5
@@ -27,8 +28,10 @@ def fixture_targets(d, max_boxes=MAX_BOXES):
 
 
 @functools.cache
-def _official_losses_and_grads(name, solver):
-  model, variables, mc = convert.load_official(str(official(name + ".pth")))
+def _official_losses_and_grads(name, solver, scan_layers="unroll"):
+  _, variables, mc = convert.load_official(str(official(name + ".pth")))
+  mc.scan_layers = scan_layers
+  model = model_lib.build_model(mc)
   d = load_npz(name)
   cfg = ml_collections.ConfigDict({"model": mc, "loss": losses.loss_config(matcher=solver)})
   images, mask, targets = jnp.asarray(d["images"].transpose(0, 2, 3, 1)), jnp.asarray(d["mask"]), fixture_targets(d)
@@ -38,7 +41,7 @@ def _official_losses_and_grads(name, solver):
     loss_dict = losses.compute(out, targets, cfg)
     return losses.total(loss_dict, cfg), loss_dict
 
-  if solver == "scipy":  # gradients once per fixture; the 'jax' solver variant checks the losses only
+  if solver == "scipy" or scan_layers == "scan":  # gradients once per fixture and layer mode
     (tot, loss_dict), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     grads = jax.tree_util.tree_map(np.asarray, grads)
   else:
@@ -46,10 +49,19 @@ def _official_losses_and_grads(name, solver):
   return float(tot), {k: float(v) for k, v in loss_dict.items()}, grads, d, cfg
 
 
-@pytest.mark.parametrize("solver", ["scipy", "jax"])
-@pytest.mark.parametrize("name", FIXTURES)
-def test_every_loss_term_matches_official(name, solver):
-  tot, loss_dict, _, d, cfg = _official_losses_and_grads(name, solver)
+# As the CPU runs (unrolled layers) with either matcher, and as accelerators run (scanned layers, vmapped losses,
+# the on-device matcher) on the tiny fixtures.
+LOSS_CASES = [(n, s, "unroll") for n in FIXTURES for s in ("scipy", "jax")] + [
+  (n, "jax", "scan") for n in ("tiny_sparse", "tiny_deformable")
+]
+GRAD_CASES = [(n, "scipy", "unroll") for n in FIXTURES] + [
+  (n, "jax", "scan") for n in ("tiny_sparse", "tiny_deformable")
+]
+
+
+@pytest.mark.parametrize("name, solver, scan_layers", LOSS_CASES)
+def test_every_loss_term_matches_official(name, solver, scan_layers):
+  tot, loss_dict, _, d, cfg = _official_losses_and_grads(name, solver, scan_layers)
   official_keys = {k[len("loss/") :] for k in d if k.startswith("loss/")}
   assert set(loss_dict) == official_keys
   for key in sorted(official_keys):
@@ -60,9 +72,9 @@ def test_every_loss_term_matches_official(name, solver):
   assert losses.weight_dict(cfg) == official_weights
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_gradients_match_official(name):
-  _, _, grads, d, cfg = _official_losses_and_grads(name, "scipy")
+@pytest.mark.parametrize("name, solver, scan_layers", GRAD_CASES)
+def test_gradients_match_official(name, solver, scan_layers):
+  _, _, grads, d, cfg = _official_losses_and_grads(name, solver, scan_layers)
   state, _ = convert.read_checkpoint(str(official(name + ".pth")))
   mapper = convert.KeyMapper(cfg.model)
 

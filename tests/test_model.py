@@ -205,3 +205,17 @@ def test_proposal_validity_at_the_bounds_is_the_officials(valid_rows):
     np.testing.assert_array_equal(np.asarray(valid[b]).reshape(h, w), expected)
     np.testing.assert_array_equal(np.isinf(np.asarray(props[b])).any(-1).reshape(h, w), ~expected)
   assert not np.asarray(valid[0]).reshape(h, w)[49].any()  # the row the vector division had let in
+
+
+@pytest.mark.parametrize("name", ["tiny_sparse", "tiny_deformable"])
+def test_scanned_layers_compute_the_unrolled_outputs(name):
+  """model.scan_layers='scan' (accelerators' default: one lax.scan over the stacked layer parameters) against the
+  unrolled layers: every output, with the same parameters."""
+  unrolled, d, _ = _run_official(name)
+  _, variables, cfg = convert.load_official(str(official(name + ".pth")))  # a config of its own
+  cfg.scan_layers = "scan"
+  images = jnp.asarray(d["images"].transpose(0, 2, 3, 1))
+  scanned = jax.jit(model_lib.build_model(cfg).apply)(variables, images, jnp.asarray(d["mask"]))
+  assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(scanned), jax.tree.leaves(unrolled), strict=True):
+    np.testing.assert_allclose(np.asarray(a), b, atol=1e-6, rtol=0, err_msg=jax.tree_util.keystr(path))

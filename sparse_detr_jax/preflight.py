@@ -1,0 +1,573 @@
+"""Before renting a pod: compile a config's train step and inference for a TPU slice or GPU machine, here.
+
+    python -m sparse_detr_jax.preflight --config configs/r50_sparse_detr_rho_0.1.py --topology v5e-16 \\
+        --per_chip_batch 4 --canvases largest [--json report.json]
+
+No accelerator is needed: the programs are compiled for device descriptions (`jax.experimental.topologies`;
+TPUs through `libtpu`, `make preflight` installs it apart from the project's environment; NVIDIA GPUs through
+JAX's CUDA plugin). The state and batch are built as train.py builds them on that machine (a `data` mesh over
+every chip, the state replicated and donated, the batch split over the chips, the matcher that 'auto' means
+there, the config's dtype), as abstract arrays. One row per canvas: compile seconds, per-chip memory against
+the chip's, FLOPs and bytes per step, host callbacks, all-reduces, and, on TPU, XLA's cost-model step time:
+an estimate, not a measurement. Exit status 1 when a canvas does not fit, naming the largest batch that does.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sparse_detr_jax import xla_flags
+
+GIB = 2.0**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator kind: memory per chip, peak dense bf16 FLOP/s per chip (the makers' published figures)."""
+
+  platform: str  # 'tpu' | 'cuda'
+  hbm_gib: float
+  peak_bf16_tflops: float
+  cores_per_chip: int = 1  # v4 and v5p slice names count TensorCores, two per chip
+  dims: int = 2  # TPU torus dimensions
+
+
+CHIPS = {
+  "v4": Chip("tpu", 32, 275, cores_per_chip=2, dims=3),
+  "v5e": Chip("tpu", 16, 197),
+  "v5p": Chip("tpu", 95, 459, cores_per_chip=2, dims=3),
+  "v6e": Chip("tpu", 32, 918),
+  "a100": Chip("cuda", 79.2, 312),  # 80 GB cards: the device memory the driver reports
+  "h100": Chip("cuda", 79.1, 989),
+  "h200": Chip("cuda", 140.4, 989),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # as users write it: v5e-16, v4-8, h100-8
+  kind: str
+  chips: int
+  hbm_gib: float  # memory per chip that a program may use (default: the chip's)
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.kind]
+
+  def shape(self) -> tuple[int, ...]:
+    """The TPU torus: the smallest slice is 2x2 (x1); each doubling doubles the smallest last dimension."""
+    dims = [2, 2] + [1] * (self.chip.dims - 2)
+    while math.prod(dims) < self.chips:
+      smallest = min(dims)
+      i = max(j for j, d in enumerate(dims) if d == smallest)
+      dims[i] *= 2
+    return tuple(dims)
+
+
+def parse_topology(name: str) -> Topology:
+  """'v5e-16' (16 chips), 'v4-8' / 'v5p-8' (8 TensorCores: 4 chips), 'h100-8' (8 GPUs)."""
+  m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name.strip().lower())
+  if not m or m.group(1) not in CHIPS:
+    raise ValueError(f"--topology {name!r}: expected KIND-N with KIND one of {sorted(CHIPS)}, e.g. v5e-16 or h100-8")
+  kind, n = m.group(1), int(m.group(2))
+  chip = CHIPS[kind]
+  chips = n // chip.cores_per_chip
+  if chip.platform == "tpu":
+    smallest = 4 * chip.cores_per_chip
+    if n < smallest or n % smallest or chips & (chips - 1):
+      raise ValueError(
+        f"--topology {name!r}: {kind} slices come in {smallest}, {2 * smallest}, {4 * smallest}, ... "
+        f"({'TensorCores, two per chip' if chip.cores_per_chip == 2 else 'chips'})"
+      )
+  elif n < 1:
+    raise ValueError(f"--topology {name!r}: at least one GPU")
+  return Topology(name.strip().lower(), kind, chips, chip.hbm_gib)
+
+
+# GPU device descriptions (XLA's GpuTargetConfig as text), compute capability and size per card.
+_GPU = {
+  "a100": dict(sms=108, cc=(8, 0), clock_khz=1410000, mem_bw=2039e9, l2=40 * 2**20, shared=167936),
+  "h100": dict(sms=132, cc=(9, 0), clock_khz=1980000, mem_bw=3352e9, l2=50 * 2**20, shared=233472),
+  "h200": dict(sms=132, cc=(9, 0), clock_khz=1980000, mem_bw=4800e9, l2=50 * 2**20, shared=233472),
+}
+
+
+def gpu_target_config(kind: str) -> str:
+  """The text proto JAX's CUDA plugin compiles against in place of a present GPU."""
+  g, mem = _GPU[kind], int(round(CHIPS[kind].hbm_gib * 10) * GIB / 10)
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {g["shared"]} threads_per_core_limit: 2048 core_count: {g["sms"]}
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(g["mem_bw"])} l2_cache_size: {g["l2"]} clock_rate_ghz: {g["clock_khz"] / 1e6}
+  device_memory_size: {mem} shared_memory_per_block_optin: {g["shared"] - 1024} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {g["cc"][0]} minor: {g["cc"][1]} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "NVIDIA {kind.upper()}"
+"""
+
+
+def devices(topology: Topology) -> list:
+  """Device descriptions of the whole slice / machine (no accelerator needed)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+  if topology.chip.platform == "tpu":
+    name = f"{topology.kind}:{'x'.join(map(str, topology.shape()))}"
+    desc = topologies.get_topology_desc(topology_name=name, platform="tpu")
+  else:
+    desc = topologies.get_topology_desc(
+      platform="cuda", target_config=gpu_target_config(topology.kind), topology=f"1x1x{topology.chips}"
+    )
+  return list(desc.devices)
+
+
+def default_solver(platform: str) -> str:
+  """The matcher 'auto' means on `platform` (as matcher.default_solver on that machine)."""
+  from sparse_detr_jax import matcher  # pylint: disable=import-outside-toplevel
+
+  return matcher.default_solver(platform)
+
+
+@dataclasses.dataclass
+class Program:
+  """One compiled function and what XLA says of it (per chip)."""
+
+  function: str  # 'train' | 'predict'
+  canvas: tuple[int, int]
+  per_chip_batch: int
+  compile_s: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  flops: float | None
+  bytes_accessed: float | None
+  est_step_s: float | None  # XLA's TPU cost model: an estimate
+  host_callbacks: int
+  all_reduces: int
+  all_reduce_bytes: int
+  cached: bool = False  # read from the preflight cache: compile_s is that of the original compile
+
+  @property
+  def hbm_bytes(self) -> int:
+    """Peak per-chip memory of the program: arguments, temporaries and outputs that do not reuse an argument."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def collectives(hlo: str) -> tuple[int, int]:
+  """(all-reduce ops, bytes they reduce) in an optimised HLO module's text (each op counted once)."""
+  count = nbytes = 0
+  for line in hlo.splitlines():
+    m = re.search(r"=\s*(.*?)\s+all-reduce(-start)?\(", line)
+    if not m:
+      continue
+    count += 1
+    for dtype, dims in _SHAPE.findall(m.group(1)):
+      nbytes += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return count, nbytes
+
+
+def host_callbacks(hlo: str) -> int:
+  """Host round trips in an optimised HLO module: Python callbacks (custom calls) and host transfers."""
+  calls = re.findall(r'custom_call_target="[^"]*callback[^"]*"', hlo)
+  transfers = re.findall(r"\bsend\(.*is_host_transfer=true", hlo)
+  return len(calls) + len(transfers)
+
+
+def analyse(function: str, canvas, per_chip_batch: int, compiled: Any, compile_s: float) -> Program:
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, list) else cost
+  hlo = compiled.as_text()
+  n, nbytes = collectives(hlo)
+  return Program(
+    function, tuple(canvas), per_chip_batch, compile_s,
+    mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes,
+    cost.get("flops"), cost.get("bytes accessed"), cost.get("optimal_seconds"), host_callbacks(hlo), n, nbytes,
+  )  # fmt: skip
+
+
+class Builder:
+  """A config's train step and inference function, lowered for a mesh of device descriptions."""
+
+  def __init__(self, cfg, devices_: Sequence[Any], platform: str, cache_dir: str | None = None):
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from sparse_detr_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+
+    self.cfg = cfg.copy_and_resolve_references()
+    if self.cfg.loss.matcher == "auto":
+      self.cfg.loss.matcher = default_solver(platform)
+    if self.cfg.model.get("scan_layers", "auto") == "auto":  # what 'auto' means there (model.scans_layers)
+      self.cfg.model.scan_layers = "scan"
+    self.note = ""
+    if platform != "tpu" and self.cfg.loss.matcher == "scipy":
+      # A host callback can only be lowered with its platform's runtime present: the on-device solver (the same
+      # assignment, no host round trip) stands in; memory and compile time are those of the step without it.
+      self.cfg.loss.matcher = "jax"
+      self.note = "train.py's matcher here is scipy's, a host callback, which compiles only on a GPU: jax stands in"
+    self.mesh = jax.sharding.Mesh(np.array(devices_), ("data",))
+    self.model = model_lib.build_model(self.cfg.model)
+    self.cache_dir = cache_dir
+
+  def _state(self, global_batch: int):
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+    from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+    from sparse_detr_jax import model as model_lib  # pylint: disable=import-outside-toplevel
+    from sparse_detr_jax import trainer  # pylint: disable=import-outside-toplevel
+
+    made = {}
+
+    def init():
+      variables = model_lib.init_variables(self.model, jax.random.PRNGKey(0))
+      state, made["tx"], made["schedules"] = trainer.new_state(
+        self.cfg, variables, global_batch, 1000, jax.random.PRNGKey(1)
+      )
+      return state
+
+    shapes = jax.eval_shape(init)
+    replicated = NamedSharding(self.mesh, P())
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    return state, made["tx"], made["schedules"]
+
+  def _batch(self, per_chip_batch: int, canvas: tuple[int, int], keys: Sequence[str]) -> dict[str, Any]:
+    """Abstract global batch of `keys` with the dtypes the input pipeline produces, split over the chips."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+    from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+    from sparse_detr_jax.data import batching  # pylint: disable=import-outside-toplevel
+
+    m = self.cfg.data.max_boxes
+    one = batching.pad_batch(
+      [np.zeros((1, 1, 3), np.float32)], [np.zeros((0, 4), np.float32)], [np.zeros(0, np.int32)], canvas, m
+    )
+    one["orig_size"] = np.zeros((1, 2), np.int32)
+    n = per_chip_batch * self.mesh.size
+    split = NamedSharding(self.mesh, P("data"))
+    return {k: jax.ShapeDtypeStruct((n,) + one[k].shape[1:], one[k].dtype, sharding=split) for k in keys}
+
+  def train_step(self, per_chip_batch: int, canvas: tuple[int, int]) -> tuple[Callable, tuple]:
+    """(jitted step, abstract arguments) exactly as train.py builds them: trainer.make_train_step."""
+    from sparse_detr_jax import trainer  # pylint: disable=import-outside-toplevel
+
+    state, tx, schedules = self._state(per_chip_batch * self.mesh.size)
+    step = trainer.make_train_step(self.model, self.cfg, tx, self.mesh, schedules)
+    return step, (state, self._batch(per_chip_batch, canvas, trainer.BATCH_KEYS))
+
+  def predict(self, per_chip_batch: int, canvas: tuple[int, int]) -> tuple[Callable, tuple]:
+    """(jitted inference, abstract arguments) as evaluate.py builds them: evaluator.make_predict."""
+    from sparse_detr_jax import evaluator  # pylint: disable=import-outside-toplevel
+
+    state, _, _ = self._state(per_chip_batch * self.mesh.size)
+    b = self._batch(per_chip_batch, canvas, ("image", "padding_mask", "orig_size"))
+    variables = {"params": state.params, **state.constants}
+    return evaluator.make_predict(self.model, self.mesh), (variables, b["image"], b["padding_mask"], b["orig_size"])
+
+  def compile(self, function: str, per_chip_batch: int, canvas: tuple[int, int]) -> Program:
+    """Lower and compile `function`; with a cache directory, a program lowered before is not compiled again (the
+    compiler's own cache cannot load programs compiled for absent devices): its recorded analysis is returned."""
+    fn, args = (self.train_step if function == "train" else self.predict)(per_chip_batch, canvas)
+    lowered = fn.lower(*args)
+    path = self._cache_path(lowered)
+    if path and os.path.exists(path):
+      with open(path) as f:
+        return Program(**{**json.load(f), "canvas": tuple(canvas), "cached": True})
+    start = time.perf_counter()
+    program = analyse(function, canvas, per_chip_batch, lowered.compile(), time.perf_counter() - start)
+    if path:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump(dataclasses.asdict(program), f)
+      os.replace(path + ".tmp", path)
+    return program
+
+  def _cache_path(self, lowered: Any) -> str | None:
+    """Key: the lowered program, the devices it is compiled for, the compiler's version and flags."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    if not self.cache_dir:
+      return None
+    d = self.mesh.devices.flat[0]
+    libtpu = os.environ.get("TPU_LIBRARY_PATH", "")
+    compiler = [jax.__version__, libtpu, str(os.path.getsize(libtpu)) if os.path.isfile(libtpu) else ""]
+    flags = [os.environ.get("LIBTPU_INIT_ARGS", ""), os.environ.get("XLA_FLAGS", "")]
+    key = "\n".join([lowered.as_text(), repr(list(self.mesh.devices.flat)), d.device_kind, *compiler, *flags])
+    return os.path.join(self.cache_dir, hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def parse_canvases(spec: str, buckets: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+  """'largest' (the config's largest canvas by area), 'all' (every bucket) or 'HxW,HxW'."""
+  buckets = [tuple(int(v) for v in b) for b in buckets]
+  if spec == "largest":
+    return [max(buckets, key=lambda b: b[0] * b[1])]  # the first of equal areas (800x1333 before 1333x800)
+  if spec == "all":
+    return buckets
+  out = []
+  for item in spec.split(","):
+    m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", item)
+    if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+      raise ValueError(f"--canvases {spec!r}: expected 'largest', 'all' or HxW[,HxW...] (e.g. 800x1333)")
+    out.append((int(m.group(1)), int(m.group(2))))
+  return out
+
+
+def fits(program: Program, capacity_gib: float) -> bool:
+  return program.hbm_bytes <= capacity_gib * GIB
+
+
+def largest_batch(builder: Builder, function: str, canvas, capacity_gib: float, a: Program, log=print) -> int:
+  """The largest per-chip batch whose `function` fits the chip (0: not even 1). Memory is close to linear in the
+  batch: `a` and one more compile (twice or half its batch) predict it, and a compile or two confirm it."""
+  b = a.per_chip_batch
+  if b == 1 and not fits(a, capacity_gib):
+    return 0
+  other = builder.compile(function, 2 * b if fits(a, capacity_gib) else max(1, b // 2), canvas)
+  known = {b: fits(a, capacity_gib), other.per_chip_batch: fits(other, capacity_gib)}
+  log(f"  {function} {canvas[0]}x{canvas[1]} batch {other.per_chip_batch}: {_gib(other.hbm_bytes)} GiB per chip")
+  if other.per_chip_batch == 1 and not known[1]:
+    return 0
+  per_image = (a.hbm_bytes - other.hbm_bytes) / (b - other.per_chip_batch)
+  fixed = a.hbm_bytes - per_image * b
+  guess = int((capacity_gib * GIB - fixed) // per_image) if per_image > 0 else max(known)
+  for _ in range(3):
+    if guess < 1:
+      return 0
+    if guess not in known:
+      p = builder.compile(function, guess, canvas)
+      known[guess] = fits(p, capacity_gib)
+      log(f"  {function} {canvas[0]}x{canvas[1]} batch {guess}: {_gib(p.hbm_bytes)} GiB per chip")
+    if known[guess]:
+      return guess
+    guess -= 1
+  return max([k for k, ok in known.items() if ok], default=0)
+
+
+def _gib(x: float) -> str:
+  return f"{x / GIB:.2f}"
+
+
+def _est(p: Program) -> float | None:
+  """The cost model's step time, None where XLA gives none or cannot price the program (0 or negative)."""
+  return p.est_step_s if p.est_step_s is not None and p.est_step_s > 0 else None
+
+
+def report_row(p: Program, topology: Topology) -> dict[str, Any]:
+  est = _est(p)
+  return {
+    "function": p.function,
+    "canvas": f"{p.canvas[0]}x{p.canvas[1]}",
+    "per_chip_batch": p.per_chip_batch,
+    "compile_s": round(p.compile_s, 1),
+    "argument_gib": p.argument_bytes / GIB,
+    "temp_gib": p.temp_bytes / GIB,
+    "output_gib": (p.output_bytes - p.alias_bytes) / GIB,
+    "hbm_gib": p.hbm_bytes / GIB,
+    "capacity_gib": topology.hbm_gib,
+    "fits": fits(p, topology.hbm_gib),
+    "cached": p.cached,
+    "flops": p.flops,
+    "bytes_accessed": p.bytes_accessed,
+    "host_callbacks": p.host_callbacks,
+    "all_reduces": p.all_reduces,
+    "all_reduce_bytes": p.all_reduce_bytes,
+    "est_step_s": est,  # XLA's TPU cost model: an estimate, not a measurement
+    "est_images_per_s_per_chip": p.per_chip_batch / est if est else None,
+    "est_images_per_s": p.per_chip_batch * topology.chips / est if est else None,
+    "est_cost_model_output": p.est_step_s,
+  }
+
+
+def format_row(r: dict[str, Any]) -> str:
+  est = f"{r['est_step_s']:.4f}" if r["est_step_s"] else "n/a"
+  rate = f"{r['est_images_per_s_per_chip']:.1f}" if r["est_images_per_s_per_chip"] else "n/a"
+  flops = f"{r['flops'] / 1e12:.2f}" if r["flops"] else "n/a"
+  return (
+    f"{r['function']:<8}{r['canvas']:>10}{r['per_chip_batch']:>6}{r['compile_s']:>9.1f}{'c' if r['cached'] else ' '}"
+    f"{r['argument_gib']:>8.2f}{r['temp_gib']:>8.2f}{r['output_gib']:>8.2f}"
+    f"{r['hbm_gib']:>8.2f}/{r['capacity_gib']:<6g}{int(r['fits']):>5}{flops:>9}{r['host_callbacks']:>5}"
+    f"{r['all_reduces']:>5}{r['all_reduce_bytes'] / 2**20:>9.1f}{est:>10}{rate:>9}"
+  )
+
+
+HEADER = (
+  f"{'function':<8}{'canvas':>10}{'batch':>6}{'compile_s':>10}{'args':>8}{'temps':>8}{'outs':>8}"
+  f"{'HBM GiB/chip':>15}{'fits':>5}{'TFLOP':>9}{'cb':>5}{'ar':>5}{'ar MiB':>9}{'est_s':>10}{'img/s':>9}"
+)
+
+
+def run(
+  cfg, topology: Topology, per_chip_batch: int, canvases, functions: Sequence[str], cache_dir: str | None, log=print
+) -> dict:
+  """Compile every function for every canvas; the report (rows, the largest batch of what does not fit)."""
+  builder = Builder(cfg, devices(topology), topology.chip.platform, cache_dir)
+  log(
+    f"{topology.name}: {topology.chips} x {topology.kind} ({topology.hbm_gib:g} GiB each), mesh 'data' over "
+    f"every chip; {cfg.model.backbone}, rho {cfg.model.rho}, {cfg.model.dtype}, matcher {builder.cfg.loss.matcher}"
+  )
+  if builder.note:
+    log(builder.note)
+  log(HEADER)
+  rows, short = [], []
+  for canvas in canvases:
+    for function in functions:
+      p = builder.compile(function, per_chip_batch, canvas)
+      row = report_row(p, topology)
+      rows.append(row)
+      log(format_row(row))
+      if not row["fits"]:
+        row["largest_fitting_batch"] = largest_batch(builder, function, canvas, topology.hbm_gib, p, log)
+        short.append(row)
+  return {
+    "topology": topology.name, "chips": topology.chips, "kind": topology.kind, "platform": topology.chip.platform,
+    "capacity_gib": topology.hbm_gib, "rows": rows, "does_not_fit": short,
+  }  # fmt: skip
+
+
+def summary_line(report: dict) -> str:
+  """The machine-readable last line, for the train step of the largest canvas."""
+  train = [r for r in report["rows"] if r["function"] == "train"] or report["rows"]
+  r = max(train, key=lambda r: math.prod(map(int, r["canvas"].split("x"))))  # the first of equal areas
+  fmt = lambda x: "na" if x is None else f"{x:.4g}"
+  return (
+    f"topology={report['topology']} chips={report['chips']} canvas={r['canvas']} per_chip_batch={r['per_chip_batch']} "
+    f"hbm_gib={r['hbm_gib']:.2f}/{r['capacity_gib']:g} fits={int(r['fits'])} compile_s={r['compile_s']:.1f} "
+    f"est_step_s={fmt(r['est_step_s'])} est_images_per_s={fmt(r['est_images_per_s'])} "
+    f"host_callbacks={r['host_callbacks']}"
+  )
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  from sparse_detr_jax import logs  # pylint: disable=import-outside-toplevel
+
+  del argv
+  f = flags.FLAGS
+  logs.quiet_library_logs()
+  try:
+    topology = parse_topology(f.topology)
+    if f.hbm_gib:
+      topology = dataclasses.replace(topology, hbm_gib=f.hbm_gib)
+    cfg = f.config
+    if f.dtype:
+      cfg.model.dtype = f.dtype
+    per_chip = f.per_chip_batch or cfg.train.batch_size
+    canvases = parse_canvases(f.canvases, cfg.data.buckets)
+    functions = [x.strip() for x in f.functions.split(",")]
+    if not set(functions) <= {"train", "predict"} or not functions:
+      raise ValueError(f"--functions {f.functions!r}: expected train, predict or both")
+    if per_chip < 1:
+      raise ValueError(f"--per_chip_batch {per_chip}: expected at least 1")
+  except ValueError as e:
+    sys.exit(f"preflight: {e}")
+  try:
+    report = run(cfg, topology, per_chip, canvases, functions, os.path.expanduser(f.cache_dir) or None)
+  except RuntimeError as e:
+    if "topology" in str(e).lower() or "tpu" in str(e).lower() or "cuda" in str(e).lower():
+      sys.exit(f"preflight: cannot compile for {topology.name}: {str(e).splitlines()[0]}\n{INSTALL_HINT}")
+    raise
+  for r in report["does_not_fit"]:
+    print(
+      f"does not fit: {r['function']} {r['canvas']} at {r['per_chip_batch']} images per chip needs "
+      f"{r['hbm_gib']:.2f} GiB of {r['capacity_gib']:g}; the largest per-chip batch that fits: "
+      f"{r['largest_fitting_batch']}"
+    )
+  if f.json:
+    with open(f.json, "w") as out:
+      json.dump(report, out, indent=1)
+  if topology.chip.platform == "tpu":
+    print("est_* figures are XLA's TPU performance model: estimates, not measurements (n/a: none it can price)")
+  print(summary_line(report))
+  sys.exit(1 if report["does_not_fit"] else 0)
+
+
+INSTALL_HINT = (
+  "TPUs need libtpu (`make preflight` installs it apart from the project's environment: pip install --target "
+  ".libtpu 'libtpu==0.0.42.*', then TPU_LIBRARY_PATH=.libtpu/libtpu/libtpu.so); NVIDIA GPUs need JAX's CUDA "
+  "plugin (`make preflight` installs it in .jax-cuda and puts it on PYTHONPATH)"
+)
+
+
+def define_flags() -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
+  flags.DEFINE_string("topology", None, "v4-8 .. v4-4096, v5e-4 .. v5e-256, v5p-8 .., v6e-4 .. v6e-256, h100-8, ...")
+  flags.DEFINE_integer("per_chip_batch", 0, "images per chip (default: the config's train.batch_size)")
+  flags.DEFINE_string("canvases", "largest", "'largest', 'all' (every data.buckets canvas) or HxW[,HxW...]")
+  flags.DEFINE_string("dtype", "", "model.dtype to compile with (default: the config's)")
+  flags.DEFINE_string("functions", "train,predict", "train, predict or both")
+  flags.DEFINE_string("json", "", "write the report here too")
+  flags.DEFINE_float("hbm_gib", 0, "memory per chip a program may use (default: the chip's; less leaves a margin)")
+  flags.DEFINE_string(
+    "cache_dir",
+    os.path.join("~", ".cache", "sparse_detr_jax", "preflight"),
+    "analyses of compiled programs, by lowered program and compiler ('' = off): a rerun compiles only what changed",
+  )
+  flags.mark_flags_as_required(["config", "topology"])
+
+
+# libtpu on a machine without TPUs: several processes at once, and none of its TPU-VM start-up chatter (these only
+# quieten its start: programs are compiled for --topology); the CUDA plugin starts without a driver.
+LIBTPU_ENVIRONMENT = {
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+  "TPU_SKIP_MDS_QUERY": "1",
+  "TPU_ACCELERATOR_TYPE": "v5litepod-8",
+  "TPU_WORKER_ID": "0",
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+}
+
+
+def _topology_argument(argv: Sequence[str]) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--topology="):
+      return a.split("=", 1)[1].lower()
+    if a == "--topology" and i + 1 < len(argv):
+      return argv[i + 1].lower()
+  return ""
+
+
+def _environment() -> None:
+  """Before JAX starts: libtpu from `.libtpu` and, for GPU topologies, JAX's CUDA plugin from `.jax-cuda`
+  ($SPARSE_DETR_JAX_CUDA), where `make preflight` puts them, unless installed otherwise; LIBTPU_ENVIRONMENT."""
+  here = os.path.abspath(".libtpu/libtpu/libtpu.so")
+  if "TPU_LIBRARY_PATH" not in os.environ and os.path.exists(here):
+    os.environ["TPU_LIBRARY_PATH"] = here
+  cuda = os.environ.get("SPARSE_DETR_JAX_CUDA", ".jax-cuda")
+  if _topology_argument(sys.argv).split("-")[0] in _GPU:
+    xla_flags.set_gpu_flags(force=True)  # as train.py sets them on a GPU machine
+    if os.path.isdir(cuda):
+      sys.path.insert(0, os.path.abspath(cuda))
+  for k, v in LIBTPU_ENVIRONMENT.items():
+    os.environ.setdefault(k, v)
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _environment()
+  define_flags()
+  app.run(main)
