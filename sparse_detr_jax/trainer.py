@@ -187,8 +187,8 @@ def load_for_inference(
   elif p.parent.name == "checkpoints" and p.name.isdigit():
     workdir = p.parent.parent
   else:
-    raise (FileNotFoundError if not p.exists() else ValueError)(
-      f"{path}: {'no such file or directory' if not p.exists() else 'not a checkpoint directory'}: "
+    raise FileNotFoundError(
+      f"{path}: {'no such file or directory' if not p.exists() else 'no checkpoint in this directory'}: "
       "expected an official .pth, a directory written by sparse_detr_jax.convert, a training workdir "
       "or a checkpoint step directory WORKDIR/checkpoints/N"
     )

@@ -68,7 +68,7 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   last = dict(kv.split("=") for kv in run.stdout.strip().splitlines()[-1].split())
   assert (last["topology"], last["chips"], last["canvas"], last["fits"], last["host_callbacks"]) == (
-    "v5e-8", "8", "64x40", "1", "0"
+    "v5e-8", "8", "40x64", "1", "0"
   )  # fmt: skip
   rows = {r["function"]: r for r in json.loads((tmp_path / "r.json").read_text())["rows"]}
   train, predict = rows["train"], rows["predict"]
@@ -82,7 +82,7 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
 def test_a_batch_too_large_exits_1_naming_the_batch_that_fits(tmp_path):
   run = _preflight(tmp_path, "--per_chip_batch=2", "--functions=train", "--hbm_gib=0.15")
   assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
-  assert "does not fit: train 64x40 at 2 images per chip" in run.stdout
+  assert "does not fit: train 40x64 at 2 images per chip" in run.stdout
   assert "the largest per-chip batch that fits: 1" in run.stdout, run.stdout[-2000:]
   assert "fits=0" in run.stdout.strip().splitlines()[-1]
 
