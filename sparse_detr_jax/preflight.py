@@ -203,6 +203,24 @@ def analyse(function: str, canvas, per_chip_batch: int, compiled: Any, compile_s
   )  # fmt: skip
 
 
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED: .*?memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
+
+
+def _refused(error: Exception, function: str, canvas, per_chip_batch: int, args, seconds: float) -> Program:
+  """The Program of a compile XLA refused for lack of memory: the temporaries it says it needed, the arguments'
+  per-chip bytes; any other error is raised."""
+  m = _OUT_OF_MEMORY.search(str(error))
+  if not m:
+    raise error
+  import jax  # pylint: disable=import-outside-toplevel
+
+  temps = float(m.group(1)) * 1024.0 ** " KMGT".index(m.group(2) or " ")
+  shard = lambda a: math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+  arguments = sum(shard(a) for a in jax.tree.leaves(args))
+  return Program(function, tuple(canvas), per_chip_batch, seconds, arguments, 0, 0, int(temps),
+                 None, None, None, 0, 0, 0)  # fmt: skip
+
+
 class Builder:
   """A config's train step and inference function, lowered for a mesh of device descriptions."""
 
@@ -294,7 +312,10 @@ class Builder:
       with open(path) as f:
         return Program(**{**json.load(f), "canvas": tuple(canvas), "cached": True})
     start = time.perf_counter()
-    program = analyse(function, canvas, per_chip_batch, lowered.compile(), time.perf_counter() - start)
+    try:
+      program = analyse(function, canvas, per_chip_batch, lowered.compile(), time.perf_counter() - start)
+    except Exception as e:  # XLA:TPU refuses a program larger than the chip's memory
+      program = _refused(e, function, canvas, per_chip_batch, args, time.perf_counter() - start)
     if path:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path + ".tmp", "w") as f:
@@ -336,30 +357,37 @@ def fits(program: Program, capacity_gib: float) -> bool:
   return program.hbm_bytes <= capacity_gib * GIB
 
 
-def largest_batch(builder: Builder, function: str, canvas, capacity_gib: float, a: Program, log=print) -> int:
+def largest_batch(
+  builder: Builder, function: str, canvas, capacity_gib: float, a: Program, log=print, max_compiles: int = 6
+) -> int:
   """The largest per-chip batch whose `function` fits the chip (0: not even 1). Memory is close to linear in the
-  batch: `a` and one more compile (twice or half its batch) predict it, and a compile or two confirm it."""
+  batch: `a` and one more compile (twice or half its batch) give a first guess, then bisection between the largest
+  batch known to fit and the smallest known not to, at most `max_compiles` compiles in all."""
+  known = {a.per_chip_batch: fits(a, capacity_gib)}
+
+  def check(batch: int) -> Program:
+    p = builder.compile(function, batch, canvas)
+    known[batch] = fits(p, capacity_gib)
+    log(
+      f"  {function} {canvas[0]}x{canvas[1]} batch {batch}: {_gib(p.hbm_bytes)} GiB per chip, fits={int(known[batch])}"
+    )
+    return p
+
   b = a.per_chip_batch
-  if b == 1 and not fits(a, capacity_gib):
-    return 0
-  other = builder.compile(function, 2 * b if fits(a, capacity_gib) else max(1, b // 2), canvas)
-  known = {b: fits(a, capacity_gib), other.per_chip_batch: fits(other, capacity_gib)}
-  log(f"  {function} {canvas[0]}x{canvas[1]} batch {other.per_chip_batch}: {_gib(other.hbm_bytes)} GiB per chip")
-  if other.per_chip_batch == 1 and not known[1]:
-    return 0
-  per_image = (a.hbm_bytes - other.hbm_bytes) / (b - other.per_chip_batch)
-  fixed = a.hbm_bytes - per_image * b
-  guess = int((capacity_gib * GIB - fixed) // per_image) if per_image > 0 else max(known)
-  for _ in range(3):
-    if guess < 1:
-      return 0
-    if guess not in known:
-      p = builder.compile(function, guess, canvas)
-      known[guess] = fits(p, capacity_gib)
-      log(f"  {function} {canvas[0]}x{canvas[1]} batch {guess}: {_gib(p.hbm_bytes)} GiB per chip")
-    if known[guess]:
-      return guess
-    guess -= 1
+  other = check(2 * b if known[b] else max(1, b // 2)) if b > 1 or known[b] else a
+  guess = b
+  if other.per_chip_batch != b:
+    per_image = (a.hbm_bytes - other.hbm_bytes) / (b - other.per_chip_batch)
+    if per_image > 0:
+      guess = int((capacity_gib * GIB - (a.hbm_bytes - per_image * b)) // per_image)
+  for _ in range(max_compiles - 1):
+    lo = max([k for k, ok in known.items() if ok], default=0)
+    hi = min([k for k, ok in known.items() if not ok], default=None)
+    if hi is not None and hi - lo <= 1:
+      break
+    if guess in known or guess <= lo or (hi is not None and guess >= hi):
+      guess = (lo + hi) // 2 if hi is not None else 2 * max(lo, 1)
+    check(guess)
   return max([k for k, ok in known.items() if ok], default=0)
 
 

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 from conftest import ROOT
 
@@ -104,3 +106,17 @@ def test_a_host_callback_compiled_for_tpu_is_counted():
                        text=True, timeout=300)  # fmt: skip
   assert run.returncode == 0, run.stderr[-3000:]
   assert int(run.stdout.split()[-1]) >= 1, run.stdout
+
+
+def test_a_program_xla_refuses_for_memory_does_not_fit():
+  error = RuntimeError(
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (89.24G) exceeds "
+    "available HBM (15.75G)."
+  )
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  args = ({"x": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=one)},)
+  p = preflight._refused(error, "train", (800, 1333), 64, args, 1.0)
+  assert (p.temp_bytes, p.argument_bytes) == (int(89.24 * 2**30), 128)
+  assert not preflight.fits(p, 16.0)
+  with pytest.raises(ValueError, match="other"):
+    preflight._refused(ValueError("other"), "train", (800, 1333), 64, args, 1.0)
