@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import pathlib
 from typing import Any
 
@@ -82,6 +83,12 @@ def coco_eval(gt: COCO, results: list[dict[str, Any]], image_ids: list[int]) -> 
   return stats, buf.getvalue()
 
 
+def write_metrics(path: pathlib.Path, stats: dict[str, float]) -> None:
+  """Metrics as strict JSON: null where COCOeval has no value (a class without ground truth: NaN)."""
+  strict = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in stats.items()}
+  path.write_text(json.dumps(strict, indent=1, allow_nan=False))
+
+
 def evaluate(
   model,
   variables: dict,
@@ -124,6 +131,6 @@ def evaluate(
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}_results.json").write_text(json.dumps(results))
-    (out / f"{tag}_metrics.json").write_text(json.dumps(stats, indent=1))
+    write_metrics(out / f"{tag}_metrics.json", stats)
   print(table, end="")
   return stats

@@ -244,6 +244,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   mesh = data_mesh()
   model = model_lib.build_model(cfg.model)
   train_source = sources.build_source(cfg.data, "train")
+  sources.check_classes(train_source, cfg.model.num_classes)
   sch = schedule(cfg, train_source)
   variables = initial_variables(cfg, model, jax.random.PRNGKey(t.seed))
   state, tx, schedules = new_state(

@@ -328,3 +328,16 @@ def test_group_batches_buckets_and_leftovers():
   for b in ev:
     bh, bw = buckets[b.bucket]
     assert all(hw[i][0] <= bh and hw[i][1] <= bw for i in b.indices if i >= 0)
+
+
+def test_category_ids_the_class_heads_cannot_predict_are_refused(tmp_path):
+  root = write_coco(tmp_path, {"a.png": Image.new("RGB", (64, 48))}, {"a.png": [[1, 1, 10, 10]]})
+  ann = root / "annotations" / "instances_train.json"
+  js = json.loads(ann.read_text())
+  js["categories"] = [{"id": 1, "name": "thing"}, {"id": 9, "name": "other"}]
+  js["annotations"][0]["category_id"] = 12  # used by an annotation, absent from the categories
+  ann.write_text(json.dumps(js))
+  src = sources.CocoSource(root / "train", ann)
+  sources.check_classes(src, 13)
+  with pytest.raises(ValueError, match=r"instances_train.json: category id 12 >= model.num_classes = 7: .*=13"):
+    sources.check_classes(src, 7)

@@ -471,3 +471,10 @@ def test_train_step_host_callbacks(data_dir, solver):
   }
   text = trainer.make_train_step(model, cfg, tx, mesh, schedules).lower(state, batch).as_text()
   assert ("callback" in text) == (solver == "scipy")
+
+
+def test_eval_metrics_are_strict_json(tmp_path):
+  evaluator.write_metrics(tmp_path / "m.json", {"AP": 0.5, "AP_per_class/none": float("nan"), "skipped_images": 0})
+  assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+    "AP": 0.5, "AP_per_class/none": None, "skipped_images": 0
+  }  # fmt: skip

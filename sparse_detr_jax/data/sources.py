@@ -127,6 +127,7 @@ class CocoSource:
       if int(a["image_id"]) in per_image:
         per_image[int(a["image_id"])].append((bbox, int(a["category_id"]), int(a.get("iscrowd", 0))))
     self._anns = [per_image[int(i)] for i in self.image_ids]
+    self.annotation_category_ids = {c for anns in self._anns for _, c, _ in anns}
     self._json = data
 
   def coco_dataset(self) -> dict:
@@ -276,6 +277,18 @@ class ArrayImages:
 
   def image(self, i: int) -> np.ndarray:
     return self.images[i]
+
+
+def check_classes(source, num_classes: int) -> None:
+  """Raise ValueError, naming the largest category id, when a source has ids the class heads cannot predict
+  (`model.num_classes` logits: ids 0 .. num_classes - 1); they would train silently into a useless model."""
+  ids = set(source.categories) | set(getattr(source, "annotation_category_ids", ()))
+  if ids and max(ids) >= num_classes:
+    where = getattr(source, "annotation_file", None) or "the dataset"
+    raise ValueError(
+      f"{where}: category id {max(ids)} >= model.num_classes = {num_classes}: set "
+      f"--config.model.num_classes={max(ids) + 1} (ids are used as class indices, as in the official code)"
+    )
 
 
 def build_source(data_config, split: str):
