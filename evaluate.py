@@ -10,7 +10,7 @@ Prints the standard 12-number COCO table and writes eval_results.json / eval_met
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_detr_jax import evaluator, hostmem, logs, loop, trainer, xla_flags
+from sparse_detr_jax import cli, evaluator, hostmem, logs, loop, trainer, xla_flags
 from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,11 +12,11 @@ checkpoint at the same next step and exits with status 0; rerunning the same com
 import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from sparse_detr_jax import cli, hostmem, logs, loop, trainer, workdir, xla_flags
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import hostmem, logs, loop, trainer, workdir, xla_flags
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard events and eval results go here")
@@ -66,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -28,8 +28,8 @@ import numpy as np
 from absl import app, flags
 from jax import export as jax_export
 
+from sparse_detr_jax import cli, logs
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import logs
 from sparse_detr_jax.data import pipeline
 
 FORMAT = "sparse_detr_jax.export/1"
@@ -170,4 +170,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -19,7 +19,7 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sparse_detr_jax import logs
+from sparse_detr_jax import cli, logs
 from sparse_detr_jax.data import sources
 from sparse_detr_jax.detector import Detector
 
@@ -94,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

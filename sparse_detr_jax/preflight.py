@@ -594,8 +594,8 @@ def _environment() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
+  from sparse_detr_jax import cli
 
   _environment()
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,0 +1,39 @@
+"""Running a command-line program: `--help` prints the usage and exits 0; a flag the program cannot take (a
+missing or unknown flag, a config file or `--config.x.y` override that does not load) is one line naming it on
+standard error and exit status 2, instead of absl's exit 1 or a traceback."""
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
+  """app.run(main) with the usage conventions above."""
+  argv = list(sys.argv if argv is None else argv)
+  prog = os.path.basename(argv[0])
+  asked = [a for a in argv[1:] if a in HELP]
+  if asked:
+    app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True)
+    sys.exit(0)
+  try:
+    remaining = flags.FLAGS(argv)
+    for name in flags.FLAGS:  # config files load when first read: read them now
+      hasattr(flags.FLAGS[name].value, "to_dict")
+  except Exception as e:  # any failure to parse is the user's to fix, in one line
+    sys.stderr.write(f"{prog}: {_message(e, argv)} (--help lists the flags)\n")
+    sys.exit(2)
+  app.run(main, argv=argv, flags_parser=lambda _: remaining)
+
+
+def _message(error: Exception, argv: Sequence[str]) -> str:
+  text = str(error).strip()
+  if isinstance(error, (AttributeError, KeyError)):  # a --config.x.y override naming no field
+    name = text.strip("\"'")
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
+    if bad:
+      return f"{bad[0]}: the config has no field {name!r}"
+  return text.splitlines()[-1].strip() if text else type(error).__name__

@@ -1,0 +1,37 @@
+"""The command-line programs' usage conventions (sparse_detr_jax/cli.py): --help exits 0; a flag or config the
+program cannot take is one line naming it and exit status 2."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("program", [["train.py"], ["-m", "sparse_detr_jax.preflight"]])
+def test_help_exits_0(program):
+  run = _run(*program, "--help")
+  assert run.returncode == 0 and "--config" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--workdir=/nonexistent/w", "--config.model.nope=3"], "train.py: --config.model.nope: the config has no field"),
+    (["--workdir=/nonexistent/w", "--config.model.rho=abc"], "could not convert string to float: 'abc'"),
+    ([], "--workdir"),
+  ],
+)
+def test_a_bad_flag_is_one_line_and_exit_2(args, message):
+  run = _run("train.py", "--config=configs/shapes_tiny.py", *args)
+  assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+  assert len(run.stderr.strip().splitlines()) == 1, run.stderr[-2000:]
+
+
+def test_a_missing_config_file_is_one_line_and_exit_2():
+  run = _run("evaluate.py", "--config=configs/nope.py", "--workdir=/nonexistent/w")
+  assert run.returncode == 2 and "No such file or directory: 'configs/nope.py'" in run.stderr, run.stderr[-2000:]
