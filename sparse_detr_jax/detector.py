@@ -12,6 +12,7 @@ Boxes are [x0, y0, x1, y1] in the image's pixels, clipped to it (evaluate.py kee
 unclipped boxes for COCO parity). The model runs on the first local device.
 """
 
+import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,13 +21,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sparse_detr_jax import box_ops, postprocess, visualize
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax.data import categories, pipeline, sources
 
-ImageLike = np.ndarray | Image.Image
+ImageLike = np.ndarray | Image.Image | str | os.PathLike
 Detection = dict[str, Any]  # {'box': [x0, y0, x1, y1], 'score', 'category_id', 'category'}
 InferFn = Callable[[dict, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
 
@@ -48,9 +49,20 @@ def inference_function(model) -> InferFn:
 
 
 def as_image(image: Any, name: str) -> np.ndarray:
-  """A PIL image or (H, W, 3) uint8 RGB array -> the array; a clear error naming `name` otherwise."""
+  """An image file's path, a PIL image or an (H, W, 3) uint8 RGB array -> the array, upright (files and PIL images
+  turned by their EXIF orientation, as the command line reads photos); a clear error naming `name` otherwise."""
+  if isinstance(image, str | os.PathLike):
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{name}: no such image file {path}")
+    try:
+      with Image.open(path) as img:
+        img.load()
+        image = ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      raise ValueError(f"{name}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
   if isinstance(image, Image.Image):
-    image = np.asarray(image.convert("RGB"))
+    image = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
   if not isinstance(image, np.ndarray):
     raise TypeError(f"{name}: expected a numpy array (H, W, 3) uint8 RGB or a PIL image, got {type(image).__name__}")
   if image.ndim != 3 or image.shape[2] != 3:
@@ -172,15 +184,18 @@ class Detector:
   ) -> list[Detection] | list[list[Detection]]:
     """Detections scoring at least `threshold`, best first: a list of dicts {'box': [x0, y0, x1, y1] pixels
     clipped to the image, 'score', 'category_id', 'category'} for one image, one such list per image for a
-    list (or a (N, H, W, 3) array) of images. Images: (H, W, 3) uint8 RGB arrays or PIL images, any sizes."""
+    list (or a (N, H, W, 3) array) of images. Images: (H, W, 3) uint8 RGB arrays, PIL images or image files' paths,
+    any sizes; PIL images and files are turned upright by their EXIF orientation."""
     if not 0.0 <= threshold <= 1.0:
       raise ValueError(f"threshold: expected a score in [0, 1], got {threshold}")
-    single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3)
+    single = isinstance(images, Image.Image | str | os.PathLike) or (
+      isinstance(images, np.ndarray) and images.ndim == 3
+    )
     if single:
       images = [images]
     elif isinstance(images, np.ndarray) and images.ndim != 4:
       raise ValueError(f"images: expected (H, W, 3) or (N, H, W, 3) uint8, got shape {images.shape}")
-    elif not isinstance(images, np.ndarray | Sequence) or isinstance(images, str | bytes):
+    elif not isinstance(images, np.ndarray | Sequence) or isinstance(images, bytes):
       raise TypeError(f"images: expected an image or a list of images, got {type(images).__name__}")
     if len(images) == 0:
       raise ValueError("images: the list is empty; give at least one image")

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, load_npz, official
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sparse_detr_jax import Detector, box_ops, convert, postprocess
 from sparse_detr_jax import config as config_lib
@@ -78,7 +78,7 @@ def test_equals_jitted_model_and_official_postprocessing(named_detector):
     np.testing.assert_array_equal(np.array([d["box"] for d in got], np.float32), want["boxes"])
 
 
-def test_any_sizes_counts_and_kinds(detector):
+def test_any_sizes_counts_and_kinds(detector, tmp_path):
   rng = np.random.default_rng(0)
   sizes = [(300, 400), (400, 300), (1, 1), (20, 500), (64, 64)]
   images = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
@@ -97,6 +97,23 @@ def test_any_sizes_counts_and_kinds(detector):
   assert detector(Image.fromarray(images[0]), threshold=0.0) == found[0]
   assert detector(np.stack([images[0]] * 3), threshold=0.0) == [found[0]] * 3
   assert detector(images[0], threshold=1.0) == []
+  # Paths, one or a list, and an EXIF-rotated photo: read upright, as the command line reads them.
+  Image.fromarray(images[1]).save(tmp_path / "portrait.png")
+  assert detector(str(tmp_path / "portrait.png"), threshold=0.0) == found[1]
+  assert detector([tmp_path / "portrait.png"], threshold=0.0) == [found[1]]
+  sideways = Image.fromarray(np.ascontiguousarray(np.rot90(images[1], 1)))  # stored turned; EXIF 6 turns it back
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  sideways.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=100)
+  upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "photo.jpg")).convert("RGB"))
+  assert upright.shape == images[1].shape
+  assert detector(Image.open(tmp_path / "photo.jpg"), threshold=0.0) == detector(upright, threshold=0.0)
+  assert detector(tmp_path / "photo.jpg", threshold=0.0) == detector(upright, threshold=0.0)
+  with pytest.raises(FileNotFoundError, match="image: no such image file"):
+    detector(tmp_path / "nope.jpg")
+  (tmp_path / "notes.txt").write_text("not an image")
+  with pytest.raises(ValueError, match=r"images\[0\]: cannot read .*notes.txt as an image"):
+    detector([tmp_path / "notes.txt"])
   # One compiled function per canvas used, kept across calls.
   compiled = dict(detector._compiled)
   assert set(compiled) == {(48, 64), (64, 48)}  # landscape and portrait; (64, 64) unused
@@ -122,8 +139,9 @@ def test_mechanism_picture(detector):
     ([np.zeros((8, 8), np.uint8)], ValueError, r"images\[0\]: expected shape \(H, W, 3\)"),
     (np.zeros((0, 8, 3), np.uint8), ValueError, "image: the image is empty"),
     (np.zeros((2, 3), np.uint8), ValueError, r"images: expected \(H, W, 3\) or \(N, H, W, 3\)"),
-    (["photo.jpg"], TypeError, r"images\[0\]: expected a numpy array"),
-    ("photo.jpg", TypeError, "images: expected an image or a list of images, got str"),
+    (["photo.jpg"], FileNotFoundError, r"images\[0\]: no such image file photo.jpg"),
+    ("photo.jpg", FileNotFoundError, "image: no such image file photo.jpg"),
+    ([b"\xff\xd8"], TypeError, r"images\[0\]: expected a numpy array"),
     (7, TypeError, "images: expected an image or a list of images"),
   ],
 )
