@@ -1,13 +1,16 @@
-"""COCO evaluation: `python evaluate.py --config configs/NAME.py (--workdir DIR | --checkpoint PATH)`.
+"""COCO evaluation: `python evaluate.py [--config configs/NAME.py] (--workdir DIR | --checkpoint PATH)`.
 
---workdir: the latest checkpoint a training run wrote there; results go to the same workdir.
+--workdir: the latest checkpoint a training run wrote there, with the run's config (WORKDIR/config.json) unless
+--config is given; results go to the same workdir.
 --checkpoint: a checkpoint step directory (DIR/checkpoints/STEP), an official Sparse DETR .pth or a directory
 written by sparse_detr_jax.convert (their architecture comes with them; the config supplies data and eval settings).
 Prints the standard 12-number COCO table and writes eval_results.json / eval_metrics.json
 (with per-class AP) to --workdir, else the checkpoint's workdir or the directory holding it.
 """
 
-from absl import app, flags
+import sys
+
+from absl import flags
 from ml_collections import config_flags
 
 from sparse_detr_jax import cli, evaluator, hostmem, logs, loop, trainer, xla_flags
@@ -18,21 +21,26 @@ flags.DEFINE_string("workdir", None, "a training workdir: evaluate its latest ch
 flags.DEFINE_string("checkpoint", None, "checkpoint step directory, official .pth or converted directory")
 flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
 flags.DEFINE_bool("retain_host_memory", True, "keep freed host memory for reuse (sparse_detr_jax/hostmem.py)")
-flags.mark_flag_as_required("config")
 FLAGS = flags.FLAGS
+
+
+def usage_error(message: str) -> None:
+  sys.stderr.write(f"evaluate.py: {message}\n")
+  sys.exit(2)
 
 
 def main(argv):
   del argv
-  cfg = FLAGS.config
   logs.quiet_library_logs()
   if FLAGS.retain_host_memory:
     hostmem.retain_freed_memory()
   xla_flags.set_gpu_flags()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
-    raise app.UsageError("give --workdir or --checkpoint")
-  model, variables, _, found = trainer.load_for_inference(FLAGS.checkpoint or FLAGS.workdir, cfg)
+    usage_error("give --workdir or --checkpoint")
+  model, variables, cfg, found = trainer.load_for_inference(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config)
+  if cfg is None:
+    usage_error(f"--config: needed with --checkpoint {FLAGS.checkpoint}, which carries no data or eval settings")
   evaluator.evaluate(
     model,
     variables,

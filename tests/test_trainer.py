@@ -478,3 +478,16 @@ def test_eval_metrics_are_strict_json(tmp_path):
   assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
     "AP": 0.5, "AP_per_class/none": None, "skipped_images": 0
   }  # fmt: skip
+
+
+def test_evaluate_uses_the_workdirs_config(straight_run):
+  """evaluate.py --workdir W without --config: W's config.json (data paths, overrides) and latest checkpoint."""
+  run = subprocess.run(
+    [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={straight_run}", "--noretain_host_memory"],
+    env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "Average Precision" in run.stdout
+  assert "AP50" in json.loads((straight_run / "eval_metrics.json").read_text())
+  run = subprocess.run([sys.executable, str(ROOT / "evaluate.py")], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 2 and run.stderr.strip() == "evaluate.py: give --workdir or --checkpoint"
