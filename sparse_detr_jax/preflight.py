@@ -422,6 +422,8 @@ def report_row(p: Program, topology: Topology) -> dict[str, Any]:
     "est_step_s": est,  # XLA's TPU cost model: an estimate, not a measurement
     "est_images_per_s_per_chip": p.per_chip_batch / est if est else None,
     "est_images_per_s": p.per_chip_batch * topology.chips / est if est else None,
+    # Model FLOP utilisation by the estimate: XLA's FLOP count over the chip's peak bf16 rate for est_step_s.
+    "est_mfu": p.flops / (est * topology.chip.peak_bf16_tflops * 1e12) if est and p.flops else None,
     "est_cost_model_output": p.est_step_s,
   }
 
@@ -445,10 +447,17 @@ HEADER = (
 
 
 def run(
-  cfg, topology: Topology, per_chip_batch: int, canvases, functions: Sequence[str], cache_dir: str | None, log=print
+  cfg,
+  topology: Topology,
+  devices_: Sequence[Any],
+  per_chip_batch: int,
+  canvases,
+  functions: Sequence[str],
+  cache_dir: str | None,
+  log=print,
 ) -> dict:
   """Compile every function for every canvas; the report (rows, the largest batch of what does not fit)."""
-  builder = Builder(cfg, devices(topology), topology.chip.platform, cache_dir)
+  builder = Builder(cfg, devices_, topology.chip.platform, cache_dir)
   log(
     f"{topology.name}: {topology.chips} x {topology.kind} ({topology.hbm_gib:g} GiB each), mesh 'data' over "
     f"every chip; {cfg.model.backbone}, rho {cfg.model.rho}, {cfg.model.dtype}, matcher {builder.cfg.loss.matcher}"
@@ -508,13 +517,14 @@ def main(argv: Sequence[str]) -> None:
     if per_chip < 1:
       raise ValueError(f"--per_chip_batch {per_chip}: expected at least 1")
   except ValueError as e:
-    sys.exit(f"preflight: {e}")
+    sys.stderr.write(f"preflight: {e}\n")
+    sys.exit(2)
   try:
-    report = run(cfg, topology, per_chip, canvases, functions, os.path.expanduser(f.cache_dir) or None)
-  except RuntimeError as e:
-    if "topology" in str(e).lower() or "tpu" in str(e).lower() or "cuda" in str(e).lower():
-      sys.exit(f"preflight: cannot compile for {topology.name}: {str(e).splitlines()[0]}\n{INSTALL_HINT}")
-    raise
+    devs = devices(topology)
+  except Exception as e:  # no libtpu / CUDA plugin: say how to get them
+    sys.stderr.write(f"preflight: no compiler for {topology.name}: {str(e).splitlines()[0]}\n{INSTALL_HINT}\n")
+    sys.exit(2)
+  report = run(cfg, topology, devs, per_chip, canvases, functions, os.path.expanduser(f.cache_dir) or None)
   for r in report["does_not_fit"]:
     print(
       f"does not fit: {r['function']} {r['canvas']} at {r['per_chip_batch']} images per chip needs "
@@ -531,9 +541,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 INSTALL_HINT = (
-  "TPUs need libtpu (`make preflight` installs it apart from the project's environment: pip install --target "
-  ".libtpu 'libtpu==0.0.42.*', then TPU_LIBRARY_PATH=.libtpu/libtpu/libtpu.so); NVIDIA GPUs need JAX's CUDA "
-  "plugin (`make preflight` installs it in .jax-cuda and puts it on PYTHONPATH)"
+  "TPU topologies need libtpu: `make install-libtpu` puts it in .libtpu (found there from the repository's root, or "
+  "through TPU_LIBRARY_PATH); GPU ones need JAX's CUDA plugin: `make install-jax-cuda` puts it in .jax-cuda (or "
+  "set SPARSE_DETR_JAX_CUDA to where it is). `make preflight` installs what its TOPOLOGY needs."
 )
 
 
