@@ -186,6 +186,8 @@ class Detector:
     clipped to the image, 'score', 'category_id', 'category'} for one image, one such list per image for a
     list (or a (N, H, W, 3) array) of images. Images: (H, W, 3) uint8 RGB arrays, PIL images or image files' paths,
     any sizes; PIL images and files are turned upright by their EXIF orientation."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.number):
+      raise TypeError(f"threshold: expected a number in [0, 1], got {type(threshold).__name__}")
     if not 0.0 <= threshold <= 1.0:
       raise ValueError(f"threshold: expected a score in [0, 1], got {threshold}")
     single = isinstance(images, Image.Image | str | os.PathLike) or (
@@ -218,6 +220,11 @@ class Detector:
   def draw(self, image: ImageLike, detections: list[Detection]) -> Image.Image:
     """The image with `detections` (this Detector's output for it) drawn: boxes, category names, scores."""
     array = as_image(image, "image")
+    if not isinstance(detections, list | tuple) or not all(isinstance(d, dict) for d in detections):
+      raise TypeError("detections: expected this Detector's list of detection dicts for the image")
+    missing = [k for k in ("box", "category_id", "score") if detections and any(k not in d for d in detections)]
+    if missing or any(np.shape(d["box"]) != (4,) for d in detections):
+      raise ValueError(f"detections: every detection needs 'box' [x0, y0, x1, y1], 'category_id', 'score' {missing}")
     boxes = np.array([d["box"] for d in detections], np.float32).reshape(-1, 4)
     labels = np.array([d["category_id"] for d in detections], np.int64)
     scores = np.array([d["score"] for d in detections], np.float32)

@@ -152,6 +152,9 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["checkpoint", "out"])
 
 
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+
+
 def main(argv: list[str]) -> None:
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -163,6 +166,12 @@ def main(argv: list[str]) -> None:
     canvases = [tuple(int(v) for v in c.lower().split("x")) for c in FLAGS.canvases]
   except ValueError:
     sys.exit(f"export: --canvases: expected HxW values such as 800x1088, got {FLAGS.canvases}")
+  unknown = [p for p in FLAGS.platforms if p not in PLATFORMS]
+  if unknown:
+    sys.stderr.write(
+      f"export: --platforms {unknown[0]!r}: expected some of {', '.join(PLATFORMS)} (NVIDIA GPUs: cuda)\n"
+    )
+    sys.exit(2)
   detector = Detector.from_checkpoint(FLAGS.checkpoint, FLAGS.config)
   write(detector, FLAGS.out, canvases or None, FLAGS.batch_size, FLAGS.platforms or None)
   print(f"wrote {FLAGS.out}: {len(canvases or detector.canvases)} canvases, {MANIFEST}, {VARIABLES}")

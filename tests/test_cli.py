@@ -34,3 +34,8 @@ def test_a_bad_flag_is_one_line_and_exit_2(args, message):
 def test_a_missing_config_file_is_one_line_and_exit_2():
   run = _run("evaluate.py", "--config=configs/nope.py", "--workdir=/nonexistent/w")
   assert run.returncode == 2 and "No such file or directory: 'configs/nope.py'" in run.stderr, run.stderr[-2000:]
+
+
+def test_export_names_a_platform_it_cannot_target():
+  run = _run("-m", "sparse_detr_jax.export", "--checkpoint=x.pth", "--out=/nonexistent/e", "--platforms=cpu,gpu")
+  assert run.returncode == 2 and "export: --platforms 'gpu': expected some of cpu, cuda" in run.stderr, run.stderr

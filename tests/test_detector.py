@@ -150,6 +150,17 @@ def test_bad_input_names_the_argument(detector, images, error, match):
     detector(images)
 
 
+def test_bad_threshold_and_detections_types_name_the_argument(detector):
+  image = np.zeros((8, 8, 3), np.uint8)
+  with pytest.raises(TypeError, match="threshold: expected a number in"):
+    detector(image, threshold="0.5")
+  with pytest.raises(TypeError, match="detections: expected this Detector's list"):
+    detector.draw(image, "cat")
+  with pytest.raises(ValueError, match="detections: every detection needs 'box'"):
+    detector.draw(image, [{"box": [0, 0, 1], "category_id": 1, "score": 0.5}])
+  assert detector.draw(image, []).size == (8, 8)
+
+
 def test_bad_threshold_and_paths(detector, tmp_path):
   with pytest.raises(ValueError, match="threshold"):
     detector(np.zeros((8, 8, 3), np.uint8), threshold=1.5)
