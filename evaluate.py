@@ -8,8 +8,6 @@ Prints the standard 12-number COCO table and writes eval_results.json / eval_met
 (with per-class AP) to --workdir, else the checkpoint's workdir or the directory holding it.
 """
 
-import sys
-
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,11 +22,6 @@ flags.DEFINE_bool("retain_host_memory", True, "keep freed host memory for reuse 
 FLAGS = flags.FLAGS
 
 
-def usage_error(message: str) -> None:
-  sys.stderr.write(f"evaluate.py: {message}\n")
-  sys.exit(2)
-
-
 def main(argv):
   del argv
   logs.quiet_library_logs()
@@ -37,10 +30,10 @@ def main(argv):
   xla_flags.set_gpu_flags()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
-    usage_error("give --workdir or --checkpoint")
+    cli.usage_error("give --workdir or --checkpoint")
   model, variables, cfg, found = trainer.load_for_inference(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config)
   if cfg is None:
-    usage_error(f"--config: needed with --checkpoint {FLAGS.checkpoint}, which carries no data or eval settings")
+    cli.usage_error(f"--config: needed with --checkpoint {FLAGS.checkpoint}, which carries no data or eval settings")
   evaluator.evaluate(
     model,
     variables,

@@ -37,3 +37,9 @@ def _message(error: Exception, argv: Sequence[str]) -> str:
     if bad:
       return f"{bad[0]}: the config has no field {name!r}"
   return text.splitlines()[-1].strip() if text else type(error).__name__
+
+
+def usage_error(message: str) -> None:
+  """A usage mistake found after parsing: one line naming the program, exit status 2."""
+  sys.stderr.write(f"{os.path.basename(sys.argv[0])}: {message}\n")
+  sys.exit(2)

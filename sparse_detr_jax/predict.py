@@ -1,7 +1,7 @@
 """Detect objects in image files: a command line over `Detector`.
 
     python -m sparse_detr_jax.predict (--checkpoint PATH | --workdir DIR) [--config configs/NAME.py] \
-        [--threshold 0.5] [--batch_size 1] [--out DIR] [--mechanism] IMAGE...
+        [--threshold 0.5] [--batch_size 1] [--out DIR] [--mechanism] IMAGE_OR_FOLDER...
 
 PATH is what Detector.from_checkpoint takes: an official .pth, a converted directory, a training
 checkpoint step (or give the training --workdir). --config gives the transform, canvases and category
@@ -16,7 +16,7 @@ import json
 import pathlib
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from sparse_detr_jax import cli, logs
@@ -48,9 +48,28 @@ def picture_names(paths: list[str]) -> list[str]:
   return names
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def expand(paths: list[str]) -> list[str]:
+  """Image files and folders -> files: a folder stands for its image files (by suffix), sorted by name."""
+  files = []
+  for p in paths:
+    path = pathlib.Path(p)
+    if path.is_dir():
+      found = sorted(str(f) for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+      if not found:
+        raise FileNotFoundError(f"{p}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
+      files += found
+    else:
+      files.append(p)
+  return files
+
+
 def predict(detector: Detector, paths: list[str], out_dir: str, threshold: float, mechanism: bool) -> list[dict]:
-  """Run `detector` on image files; write pictures to out_dir and return the detections.json entries."""
-  files = sources.ImageFiles(paths)  # a missing file or unreadable header: an error before any work
+  """Run `detector` on image files; write pictures to out_dir and return the detections.json entries (a file
+  that is not a readable image gets an entry with its error; a missing one stops everything before any work)."""
+  files = sources.ImageFiles(paths, record_unreadable=True)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   names = picture_names(paths)
@@ -60,6 +79,10 @@ def predict(detector: Detector, paths: list[str], out_dir: str, threshold: float
     for i in range(start, min(start + CHUNK, len(paths))):
       w, h = (int(v) for v in files.sizes[i])
       results.append({"file": paths[i], "width": w, "height": h})
+      if i in files.errors:
+        results[-1]["error"] = files.errors[i]
+        logging.warning("%s", files.errors[i])
+        continue
       try:
         images.append(files.image(i))
         entries.append((results[-1], names[i]))
@@ -80,11 +103,18 @@ def predict(detector: Detector, paths: list[str], out_dir: str, threshold: float
 
 
 def main(argv: list[str]) -> None:
-  paths = argv[1:]
-  if not paths:
-    raise app.UsageError("give one or more image files")
+  if not argv[1:]:
+    cli.usage_error("give one or more image files or folders")
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
-    raise app.UsageError("give --workdir or --checkpoint (one of them)")
+    cli.usage_error("give --workdir or --checkpoint (one of them)")
+  if not 0.0 <= FLAGS.threshold <= 1.0:
+    cli.usage_error(f"--threshold: expected a score in [0, 1], got {FLAGS.threshold}")
+  if FLAGS.batch_size < 1:
+    cli.usage_error(f"--batch_size: expected at least 1, got {FLAGS.batch_size}")
+  try:
+    paths = expand(argv[1:])
+  except FileNotFoundError as e:
+    cli.usage_error(str(e))
   logs.quiet_library_logs()
   detector = Detector.from_checkpoint(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, FLAGS.batch_size)
   results = predict(detector, paths, FLAGS.out, FLAGS.threshold, FLAGS.mechanism)

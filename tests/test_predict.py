@@ -5,6 +5,8 @@ import copy
 import json
 import pathlib
 import struct
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -41,11 +43,14 @@ def test_predict_writes_detections_and_pictures(setup, tmp_path):
   broken = tmp_path / "broken.jpg"  # a valid header, then half of the scan data
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3)).astype(np.uint8)).save(broken)
   broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
-  paths = [str(p) for p in val] + [str(upright), str(broken)]
+  notes = tmp_path / "notes.jpg"  # not an image at all: an entry with its error, the others still run
+  notes.write_text("not an image")
+  paths = [str(p) for p in val] + [str(upright), str(broken), str(notes)]
   detector = Detector.from_model(model, variables, cfg.data, batch_size=2)
   predict.predict(detector, paths, str(tmp_path / "out"), threshold=0.0, mechanism=True)
   saved = json.loads((tmp_path / "out" / "detections.json").read_text())
   assert [r["file"] for r in saved] == paths
+  assert "notes.jpg: not a readable image" in saved[4]["error"] and "detections" not in saved[4]
   assert (saved[2]["width"], saved[2]["height"]) == (40, 60) and "cannot decode image" in saved[3]["error"]
   names = {c["id"]: c["name"] for c in shapes.CATEGORIES}  # the untrained model also predicts the unused id 0
   for r in saved[:3]:
@@ -117,3 +122,20 @@ def test_training_writes_tensorboard_pictures(setup, tmp_path):
   assert len(from_run) == 10 * 7 and from_run == Detector.from_checkpoint(str(tmp_path / "checkpoints" / "2"))(
     image, threshold=0.0
   )
+
+
+def test_folders_stand_for_their_images_and_usage_errors_write_nothing(tmp_path):
+  (tmp_path / "b.png").write_bytes(b"")
+  (tmp_path / "a.JPG").write_bytes(b"")
+  (tmp_path / "notes.txt").write_text("")
+  assert predict.expand([str(tmp_path), "x.jpg"]) == [str(tmp_path / "a.JPG"), str(tmp_path / "b.png"), "x.jpg"]
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="a folder without image files"):
+    predict.expand([str(tmp_path / "empty")])
+  run = subprocess.run(
+    [sys.executable, "-m", "sparse_detr_jax.predict", "--checkpoint=x.pth", "--threshold=2",
+     f"--out={tmp_path / 'out'}", str(tmp_path)],
+    cwd=ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert run.returncode == 2 and "--threshold: expected a score in [0, 1], got 2.0" in run.stderr, run.stderr
+  assert not (tmp_path / "out").exists()

@@ -230,13 +230,15 @@ EXIF_ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees (width an
 class ImageFiles:
   """Unannotated image files in the source interface (prediction), upright by their EXIF orientation.
 
-  Image ids are 1..N in the given order; a file whose header cannot be read is a ValueError naming it.
+  Image ids are 1..N in the given order; a missing file is a FileNotFoundError, a file whose header cannot be read
+  a ValueError naming it, or with `record_unreadable` an entry in `errors` (index -> message; its size 0 x 0).
   """
 
-  def __init__(self, paths: list[str]):
+  def __init__(self, paths: list[str], record_unreadable: bool = False):
     self.paths = [pathlib.Path(p) for p in paths]
+    self.errors: dict[int, str] = {}
     sizes = []
-    for p in self.paths:
+    for i, p in enumerate(self.paths):
       if not p.is_file():
         raise FileNotFoundError(f"{p}: no such image file")
       try:
@@ -244,7 +246,11 @@ class ImageFiles:
           w, h = img.size
           rotated = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
       except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{p}: not a readable image ({e})") from e
+        if not record_unreadable:
+          raise ValueError(f"{p}: not a readable image ({e})") from e
+        self.errors[i] = f"{p}: not a readable image ({type(e).__name__})"
+        w = h = 0
+        rotated = False
       sizes.append((h, w) if rotated else (w, h))
     self.sizes = np.array(sizes, np.int64).reshape(-1, 2)
     self.image_ids = np.arange(1, len(self.paths) + 1, dtype=np.int64)
