@@ -314,20 +314,25 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         writer.scalars(step, metrics)
         eta = (sch.total_steps - step) * sch.global_batch / max(rate, 1e-9)
         logging.info(
-          "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.1f img/s  ETA %s",
+          "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s",
           step,
           sch.total_steps,
           metrics["total_loss"],
           metrics["lr/base"],
           metrics["grad_norm"],
-          rate,
-          time.strftime("%H:%M:%S", time.gmtime(eta)),
+          # The first step's time is mostly compilation: no rate or ETA from it.
+          "(compiled and ran)"
+          if step == start + 1
+          else f"{rate:.1f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
         )
       if checkpoint:  # the data state read with this step's batch: a resume starts at the next batch
         mngr.save(
           step,
           args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
           force=True,
+        )
+        logging.info(
+          "step %d: checkpoint %s (written in the background)", step, os.path.join(mngr.directory, str(step))
         )
       if preempted:
         mngr.wait_until_finished()
@@ -354,4 +359,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
   if skipped:
     logging.warning("%d training samples could not be read and were replaced by empty images", skipped)
+  if int(state.step) >= sch.total_steps:
+    final = os.path.join(os.path.abspath(workdir), "checkpoints", str(sch.total_steps))
+    logging.info("finished: %d steps; the final checkpoint is %s", sch.total_steps, final)
   return state

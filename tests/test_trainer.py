@@ -159,7 +159,8 @@ def straight_run(data_dir, tmp_path_factory):
   """The workdir of an uninterrupted train.py run of STEPS steps (checkpoints every 2)."""
   workdir = tmp_path_factory.mktemp("straight")
   cmd = train_cmd(data_dir, workdir, retain_host_memory=True)
-  subprocess.run(cmd, env=ENV, cwd=ROOT, check=True, capture_output=True, timeout=900)
+  run = subprocess.run(cmd, env=ENV, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+  (workdir / "train.log").write_text(run.stderr)
   return workdir
 
 
@@ -491,3 +492,12 @@ def test_evaluate_uses_the_workdirs_config(straight_run):
   assert "AP50" in json.loads((straight_run / "eval_metrics.json").read_text())
   run = subprocess.run([sys.executable, str(ROOT / "evaluate.py")], cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 2 and run.stderr.strip() == "evaluate.py: give --workdir or --checkpoint"
+
+
+def test_the_log_says_when_checkpoints_are_written_and_the_run_ends(straight_run):
+  log = (straight_run / "train.log").read_text()
+  assert f"step 2: checkpoint {straight_run / 'checkpoints' / '2'} (written in the background)" in log
+  assert f"finished: {STEPS} steps; the final checkpoint is {straight_run / 'checkpoints' / str(STEPS)}" in log
+  first = next(line for line in log.splitlines() if f"step 1/{STEPS}" in line)
+  assert "(compiled and ran)" in first and "ETA" not in first  # no rate from a step that was mostly compiling
+  assert "ETA" in next(line for line in log.splitlines() if f"step 2/{STEPS}" in line)
