@@ -59,7 +59,7 @@ preflight: $(if $(filter a100-% h100-% h200-%,$(TOPOLOGY)),install-jax-cuda,inst
 	    $(BIN)/python -m sparse_detr_jax.preflight \
 	    --config $(CONFIG) --topology $(TOPOLOGY) --per_chip_batch $(BATCH) --canvases $(CANVASES) $(PREFLIGHT_FLAGS)
 
-# What a lent GPU machine needs for issue 13's checks (benchmarks/gpu_session.sh): wheels, the official source, the
+# What a GPU machine without network access needs for benchmarks/gpu_session.sh: wheels, the official source, the
 # tiny fixtures, in .gpu-kit/ to carry.
 gpu-kit:
 	bash benchmarks/gpu_session.sh kit

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13's GPU checks as one prepared script, so that a short lease of a GPU machine goes to measuring.
+# The GPU checks as one prepared script, so that the time on a GPU machine goes to measuring.
 #
 #   bash benchmarks/gpu_session.sh kit                      # here, on a CPU machine with PyPI (make gpu-kit)
 #   bash benchmarks/gpu_session.sh run STAGE [STAGE ...]    # there, in the repository root, with .gpu-kit/ carried
@@ -7,10 +7,10 @@
 # `kit` fills .gpu-kit/ (git-ignored, ~48 MB): Python 3.12 wheels of this project's pins that the GPU image lacks
 # or holds at other versions (flax, optax, orbax-checkpoint, ml_collections, grain, array_record, pycocotools,
 # portpicker), a copy of the official source (../shared does not travel) and the tiny official fixtures (the r50
-# one, 70 MB, does not fit the 64 MiB a call carries). The GPU image has python3 with PyTorch, torchvision, nvcc,
+# one, 70 MB, is left out to keep the kit small). A CUDA JAX image typically has python3 with PyTorch, torchvision, nvcc,
 # ninja and JAX 0.11 for CUDA; this project's suite passes on the CPU with JAX 0.11.2 and these pins too.
 # `run` installs the wheels into /tmp/site and runs the stages in the order given; each one's output goes to
-# $OUT/STAGE.log as it runs (what a stage printed comes back even when the call's time limit cuts it off), ending
+# $OUT/STAGE.log as it runs (what a stage printed is kept even when a time limit cuts it off), ending
 # with its exit status and seconds. JAX's compilation cache lives in .gpu-cache/ (git-ignored), so a second call on
 # the same warm machine loads what the first compiled (the official kernel is rebuilt by each peer run, ~1 min).
 #
