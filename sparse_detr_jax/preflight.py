@@ -132,13 +132,6 @@ def devices(topology: Topology) -> list:
   return list(desc.devices)
 
 
-def default_solver(platform: str) -> str:
-  """The matcher 'auto' means on `platform` (as matcher.default_solver on that machine)."""
-  from sparse_detr_jax import matcher  # pylint: disable=import-outside-toplevel
-
-  return matcher.default_solver(platform)
-
-
 @dataclasses.dataclass
 class Program:
   """One compiled function and what XLA says of it (per chip)."""
@@ -228,11 +221,12 @@ class Builder:
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
+    from sparse_detr_jax import matcher  # pylint: disable=import-outside-toplevel
     from sparse_detr_jax import model as model_lib  # pylint: disable=import-outside-toplevel
 
     self.cfg = cfg.copy_and_resolve_references()
     if self.cfg.loss.matcher == "auto":
-      self.cfg.loss.matcher = default_solver(platform)
+      self.cfg.loss.matcher = matcher.default_solver(platform)
     if self.cfg.model.get("scan_layers", "auto") == "auto":  # what 'auto' means there (model.scans_layers)
       self.cfg.model.scan_layers = "scan"
     self.note = ""
