@@ -45,12 +45,12 @@ TOPOLOGY ?= v5e-16
 BATCH ?= 0
 CANVASES ?= largest
 install-libtpu: $(LIBTPU)/.installed
-$(LIBTPU)/.installed: install
+$(LIBTPU)/.installed: $(VENV)/.installed
 	$(BIN)/pip install -q --no-deps --target $(LIBTPU) '$(LIBTPU_PIN)'
 	touch $@
 
 install-jax-cuda: $(JAX_CUDA)/.installed
-$(JAX_CUDA)/.installed: install
+$(JAX_CUDA)/.installed: $(VENV)/.installed
 	$(BIN)/pip install -q --target $(JAX_CUDA) $(JAX_CUDA_PINS)
 	touch $@
 
