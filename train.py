@@ -9,13 +9,11 @@ Preemption: on SIGTERM (one host) or JAX's preemption notice (any host of a pod)
 checkpoint at the same next step and exits with status 0; rerunning the same command resumes there.
 """
 
-import sys
-
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sparse_detr_jax import cli, hostmem, logs, loop, trainer, workdir, xla_flags
+from sparse_detr_jax import cli, hostmem, logs, loop, trainer, xla_flags
 from sparse_detr_jax import config as config_lib
 
 config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
@@ -59,10 +57,7 @@ def main(argv):
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   config_lib.validate(FLAGS.config.model)
   logging.info("%d processes, %d devices (%d local)", jax.process_count(), jax.device_count(), jax.local_device_count())
-  try:
-    trainer.train(FLAGS.config, FLAGS.workdir)
-  except workdir.ConfigMismatch as e:  # a user error: the message says what to do, no traceback
-    sys.exit(f"train.py: {e}")
+  trainer.train(FLAGS.config, FLAGS.workdir)  # a workdir.ConfigMismatch says what to do: one message (cli.run)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """sparse_detr_jax: Sparse DETR (Roh et al., ICLR 2022) in JAX/Flax.
 
     from sparse_detr_jax import Detector
-    detector = Detector.from_checkpoint("r50_sparse_detr_rho_0.1.pth")
+    detector = Detector.from_checkpoint("sparse_detr_r50_10.pth")
     detections = detector(image)  # [{'box': [x0, y0, x1, y1], 'score', 'category_id', 'category'}, ...]
 
 Where each paper concept lives (the README's table has them all):

@@ -1,6 +1,8 @@
 """Running a command-line program: `--help` prints the usage and exits 0; a flag the program cannot take (a
 missing or unknown flag, a config file or `--config.x.y` override that does not load) is one line naming it on
-standard error and exit status 2, instead of absl's exit 1 or a traceback."""
+standard error and exit status 2, instead of absl's exit 1 or a traceback. So is an input the program finds wrong
+once it runs (INPUT_ERRORS: a config value out of range, a missing or malformed file; the messages name the field
+or the file); `--verbosity=1` shows the traceback instead."""
 
 import os
 import sys
@@ -9,6 +11,10 @@ from collections.abc import Callable, Sequence
 from absl import app, flags
 
 HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+# Set to 1: stop after parsing the flags and loading the config (how the tests check the documented commands).
+CHECK_FLAGS = "SPARSE_DETR_CHECK_FLAGS"
+# What the project raises for wrong input (pth.CheckpointError and workdir.ConfigMismatch are ValueErrors).
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
@@ -26,7 +32,23 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
   except Exception as e:  # any failure to parse is the user's to fix, in one line
     sys.stderr.write(f"{prog}: {_message(e, argv)} (--help lists the flags)\n")
     sys.exit(2)
-  app.run(main, argv=argv, flags_parser=lambda _: remaining)
+  if os.environ.get(CHECK_FLAGS) == "1":
+    print(f"{prog}: the flags parse and the config loads")
+    sys.exit(0)
+  app.run(_input_errors_in_one_line(main, prog), argv=argv, flags_parser=lambda _: remaining)
+
+
+def _input_errors_in_one_line(main: Callable[[list[str]], None], prog: str) -> Callable[[list[str]], None]:
+  def run_main(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except INPUT_ERRORS as e:
+      if flags.FLAGS["verbosity"].value >= 1:
+        raise
+      sys.stderr.write(f"{prog}: {str(e).strip() or type(e).__name__}\n")
+      sys.exit(2)
+
+  return run_main
 
 
 def _message(error: Exception, argv: Sequence[str]) -> str:

@@ -3,7 +3,7 @@
     python -m sparse_detr_jax.convert CKPT.pth OUT_DIR [--num_classes K]
 
     from sparse_detr_jax import convert
-    model, variables, config = convert.load_official("r50_sparse_detr_rho_0.1.pth")
+    model, variables, config = convert.load_official("sparse_detr_r50_10.pth")
 
 The checkpoint is read without PyTorch (`pth.load`), allowing only tensors, containers and
 `argparse.Namespace`: a pickle that would run code is refused. Every official key maps to exactly one

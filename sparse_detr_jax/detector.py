@@ -3,7 +3,7 @@ official evaluation transform), the batching into the config's static canvases a
 per canvas, reused across calls.
 
     from sparse_detr_jax import Detector
-    detector = Detector.from_checkpoint("r50_sparse_detr_rho_0.1.pth")   # or a training run, or an export
+    detector = Detector.from_checkpoint("sparse_detr_r50_10.pth")   # or a training run, or an export
     detections = detector(image)          # (H, W, 3) uint8 RGB array or PIL image; a list gives a list
     detector.draw(image, detections).save("detections.png")
     detector.mechanism(image).save("mechanism.png")   # kept encoder tokens and decoder attention per level
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from sparse_detr_jax import box_ops, postprocess, visualize
+from sparse_detr_jax import box_ops, loop, postprocess, visualize
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax.data import categories, pipeline, sources
 
@@ -99,6 +99,7 @@ class Detector:
     self._functions = functions
     self._variables = jax.device_put(variables, jax.local_devices()[0])
     self._compiled: dict[tuple[int, int], Any] = {}
+    loop.default_compilation_cache()  # a second process on this machine loads what the first compiled
 
   @classmethod
   def from_model(
@@ -167,10 +168,10 @@ class Detector:
     """(pipeline batch, outputs as numpy) per batch of the images grouped by canvas, each image on its own
     smallest canvas (so its detections do not depend on the other images); the next batch is prepared
     while the device runs the current one."""
-    dataset = pipeline.eval_dataset(sources.ArrayImages(images), self.data_config, self.batch_size, move_up=False)
+    count, load = pipeline.eval_batches(sources.ArrayImages(images), self.data_config, self.batch_size, move_up=False)
     pending = None
-    for k in range(len(dataset)):
-      batch = dataset[k]
+    for k in range(count):
+      batch = load(k)
       canvas = tuple(int(v) for v in batch["image"].shape[1:3])
       out = self._executable(canvas)(self._variables, batch["image"], batch["padding_mask"], batch["orig_size"])
       if pending is not None:

@@ -1,7 +1,7 @@
 """Ship a detector: its inference function serialized with jax.export (StableHLO), one artifact per canvas.
 
-    python -m sparse_detr_jax.export --checkpoint PATH --out DIR [--config FILE] \
-        [--canvases 800x1088,1088x800] [--batch_size 0] [--platforms cpu,cuda]
+    python -m sparse_detr_jax.export --checkpoint PATH --out DIR [--config FILE] \\
+        [--canvases 800x1088,1088x800,800x1333,1333x800] [--batch_size 0] [--platforms cpu,cuda]
 
     from sparse_detr_jax import Detector
     detector = Detector.from_export("DIR")      # no model code runs: the serialized functions do
@@ -19,7 +19,6 @@ The artifacts run on the platforms they were exported for (default: this machine
 
 import json
 import pathlib
-import sys
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ from jax import export as jax_export
 
 from sparse_detr_jax import cli, logs
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax.data import pipeline
+from sparse_detr_jax.data import batching
 
 FORMAT = "sparse_detr_jax.export/1"
 MANIFEST = "manifest.json"
@@ -62,6 +61,20 @@ def _nested(flat: dict[str, np.ndarray]) -> dict:
   return out
 
 
+def checked_canvases(detector, canvases: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
+  """`canvases` (default: all of the detector's), or a ValueError unless they are among the detector's and
+  together hold every image its transform produces."""
+  canvases = [tuple(int(v) for v in c) for c in (canvases or detector.canvases)]
+  unknown = sorted(set(canvases) - set(detector.canvases))
+  names = ",".join(f"{h}x{w}" for h, w in canvases)
+  if unknown:
+    choices = ",".join(f"{h}x{w}" for h, w in detector.canvases)
+    raise ValueError(f"canvases {names}: {unknown[0][0]}x{unknown[0][1]} is not one of the config's ({choices})")
+  d = detector.data_config
+  batching.check_buckets(canvases, max(max(d.scales), d.val_size), d.max_size, what="canvases")
+  return canvases
+
+
 def write(
   detector,
   out_dir: str,
@@ -73,12 +86,8 @@ def write(
   (default all; together they must hold every image the transform produces); batch_size: 0 = symbolic."""
   if detector.model is None:
     raise ValueError("detector: already an export; export the checkpoint it came from")
-  canvases = [tuple(int(v) for v in c) for c in (canvases or detector.canvases)]
-  unknown = sorted(set(canvases) - set(detector.canvases))
-  if unknown:
-    raise ValueError(f"canvases: {unknown} are not among the detector's canvases {detector.canvases}")
+  canvases = checked_canvases(detector, canvases)
   data = detector.data_config.to_dict() | {"buckets": [list(c) for c in canvases]}
-  pipeline.data_spec(config_lib.from_json(data))  # the canvases hold every image the transform produces
   if batch_size < 0:
     raise ValueError(f"batch_size: expected 0 (symbolic) or a positive int, got {batch_size}")
   (b,) = jax_export.symbolic_shape("b") if batch_size == 0 else (batch_size,)
@@ -165,14 +174,15 @@ def main(argv: list[str]) -> None:
   try:
     canvases = [tuple(int(v) for v in c.lower().split("x")) for c in FLAGS.canvases]
   except ValueError:
-    sys.exit(f"export: --canvases: expected HxW values such as 800x1088, got {FLAGS.canvases}")
+    cli.usage_error(f"--canvases: expected HxW values such as 800x1088, got {','.join(FLAGS.canvases)}")
   unknown = [p for p in FLAGS.platforms if p not in PLATFORMS]
   if unknown:
-    sys.stderr.write(
-      f"export: --platforms {unknown[0]!r}: expected some of {', '.join(PLATFORMS)} (NVIDIA GPUs: cuda)\n"
-    )
-    sys.exit(2)
+    cli.usage_error(f"--platforms {unknown[0]!r}: expected some of {', '.join(PLATFORMS)} (NVIDIA GPUs: cuda)")
   detector = Detector.from_checkpoint(FLAGS.checkpoint, FLAGS.config)
+  try:
+    checked_canvases(detector, canvases or None)
+  except ValueError as e:
+    cli.usage_error(f"--{e}")
   write(detector, FLAGS.out, canvases or None, FLAGS.batch_size, FLAGS.platforms or None)
   print(f"wrote {FLAGS.out}: {len(canvases or detector.canvases)} canvases, {MANIFEST}, {VARIABLES}")
 

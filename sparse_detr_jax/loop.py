@@ -148,6 +148,13 @@ class PreemptionWatcher:
     return self._event.is_set()
 
 
+def default_compilation_cache() -> None:
+  """What a library entry point (Detector) does: JAX's persistent compilation cache in DEFAULT_CACHE_DIR, unless
+  the program has chosen a directory of its own or turned the cache off (`jax_enable_compilation_cache`)."""
+  if jax.config.jax_enable_compilation_cache and not jax.config.jax_compilation_cache_dir:
+    enable_compilation_cache(DEFAULT_CACHE_DIR)
+
+
 def enable_compilation_cache(path: str | None) -> None:
   """Persist compiled programs under `path` ('' or None: off), so a rerun or resume loads them."""
   jax.config.update("jax_enable_compilation_cache", bool(path))

@@ -1,6 +1,6 @@
 """Detect objects in image files: a command line over `Detector`.
 
-    python -m sparse_detr_jax.predict (--checkpoint PATH | --workdir DIR) [--config configs/NAME.py] \
+    python -m sparse_detr_jax.predict (--checkpoint PATH | --workdir DIR) [--config configs/NAME.py] \\
         [--threshold 0.5] [--batch_size 1] [--out DIR] [--mechanism] IMAGE_OR_FOLDER...
 
 PATH is what Detector.from_checkpoint takes: an official .pth, a converted directory, a training
@@ -19,7 +19,7 @@ from typing import Any
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sparse_detr_jax import cli, logs
+from sparse_detr_jax import cli, logs, loop
 from sparse_detr_jax.data import sources
 from sparse_detr_jax.detector import Detector
 
@@ -32,6 +32,7 @@ flags.DEFINE_float("threshold", 0.5, "keep detections scoring at least this")
 flags.DEFINE_integer("batch_size", 1, "images per compiled call")
 flags.DEFINE_string("out", "predictions", "output directory")
 flags.DEFINE_bool("mechanism", False, "also write <name>_mechanism.png: kept tokens and decoder attention per level")
+flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
 FLAGS = flags.FLAGS
 
 
@@ -116,6 +117,7 @@ def main(argv: list[str]) -> None:
   except FileNotFoundError as e:
     cli.usage_error(str(e))
   logs.quiet_library_logs()
+  loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   detector = Detector.from_checkpoint(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, FLAGS.batch_size)
   results = predict(detector, paths, FLAGS.out, FLAGS.threshold, FLAGS.mechanism)
   for r in results:

@@ -1,6 +1,6 @@
 """Read PyTorch checkpoints (`torch.save` files) into numpy arrays, without PyTorch.
 
-    state, extra = pth.load("r50_sparse_detr_rho_0.1.pth")   # nested dicts / lists, tensors as np.ndarray
+    state, extra = pth.load("sparse_detr_r50_10.pth")        # nested dicts / lists, tensors as np.ndarray
 
 Both of PyTorch's formats are read: the zip archive (`name/data.pkl` plus one raw file per storage,
 PyTorch >= 1.6) and the legacy stream (a sequence of pickles, then the storages). The pickle is read by

@@ -66,6 +66,11 @@ def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> 
     return variables
   variables = model_lib.init_variables(model, rng)
   if t.backbone_checkpoint:
+    if cfg.model.backbone != "resnet50":
+      raise ValueError(
+        f"train.backbone_checkpoint: torchvision's ResNet-50 weights start a resnet50 model; this config's backbone "
+        f"is {cfg.model.backbone}: start from an official Sparse DETR checkpoint with train.init_checkpoint instead"
+      )
     variables = convert.load_torchvision_resnet50(t.backbone_checkpoint, variables)
   return variables
 
@@ -275,12 +280,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
     writer.text(start, "config", cfg.to_json_best_effort(indent=1))
     batches = loop.DevicePrefetch(it, mesh, BATCH_KEYS, size=2)
     step_fn = loop.StepExecutables(make_train_step(model, cfg, tx, mesh, schedules))
-    skipped, window_step, window_start = 0, start, time.time()
+    skipped, dropped, window_step, window_start = 0, 0, start, time.time()
     for step in range(start + 1, sch.total_steps + 1):
       batch, host, data_state = next(batches)
       if step == start + 1 and _precompile(t.precompile):
         step_fn.compile_all(state, batch, pipeline.data_spec(cfg.data).buckets)
       skipped += int(host["skipped"].sum())
+      if host["truncated"].any() and not dropped:
+        logging.warning(
+          "step %d: an image has more than data.max_boxes = %d boxes; the rest are dropped (raise "
+          "--config.data.max_boxes to keep them; the count is the dropped_boxes metric)",
+          step,
+          cfg.data.max_boxes,
+        )
+      dropped += int(host["truncated"].sum())
       preempted = watcher.reached(step)
       checkpoint = step % t.checkpoint_every == 0 or step == sch.total_steps or preempted
       log = step % t.log_every == 0 or step == sch.total_steps or step == start + 1 or preempted
@@ -308,6 +321,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         metrics.update(
           images_per_second=rate,
           skipped_images=skipped,
+          dropped_boxes=dropped,
           epoch=step / sch.steps_per_epoch,
           nonfinite_steps=nonfinite_steps,
         )
@@ -359,6 +373,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
   if skipped:
     logging.warning("%d training samples could not be read and were replaced by empty images", skipped)
+  if dropped:
+    logging.warning("%d boxes over data.max_boxes = %d were dropped from training images", dropped, cfg.data.max_boxes)
   if int(state.step) >= sch.total_steps:
     final = os.path.join(os.path.abspath(workdir), "checkpoints", str(sch.total_steps))
     logging.info("finished: %d steps; the final checkpoint is %s", sch.total_steps, final)

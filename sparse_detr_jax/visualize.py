@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sparse_detr_jax import dam, postprocess
+from sparse_detr_jax import postprocess
 from sparse_detr_jax.data import transforms
 
 TITLE_SHARE = 0.02  # text height / picture height
@@ -41,21 +41,40 @@ def font(picture_height: int) -> ImageFont.FreeTypeFont:
 def draw_detections(
   image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, names: Mapping[int, str]
 ) -> Image.Image:
-  """image (H, W, 3) uint8; boxes (n, 4) xyxy pixels; labels (n,); scores (n,) -> RGB picture."""
+  """image (H, W, 3) uint8; boxes (n, 4) xyxy pixels; labels (n,); scores (n,) -> RGB picture. Every box is drawn;
+  labels ("name 0.87") best first where they do not cover a label already drawn (`label_places`)."""
   img = Image.fromarray(image).convert("RGB")
   draw = ImageDraw.Draw(img)
   width = max(1, round(max(img.size) / 300))
   text_font = font(img.height)
-  for k in np.argsort(scores, kind="stable"):  # the best detection drawn last, on top
-    (x0, y0, x1, y1), label, score = boxes[k], labels[k], scores[k]
-    colour = PALETTE[int(label) % len(PALETTE)]
-    draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-    text = f"{names.get(int(label), f'class {int(label)}')} {score:.2f}"
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=text_font)
-    tx, ty = x0, max(0, y0 - bottom)  # above the box, inside the picture
-    draw.rectangle((tx, ty, tx + right, ty + bottom), fill=colour)
-    draw.text((tx, ty), text, fill=(0, 0, 0), font=text_font)
+  order = np.argsort(scores, kind="stable")  # the best box drawn last, on top
+  for k in order:
+    draw.rectangle(list(boxes[k]), outline=PALETTE[int(labels[k]) % len(PALETTE)], width=width)
+  texts = [f"{names.get(int(c), f'class {int(c)}')} {s:.2f}" for c, s in zip(labels, scores, strict=True)]
+  sizes = [draw.textbbox((0, 0), t, font=text_font)[2:] for t in texts]
+  for k, (x0, y0, x1, y1) in label_places(boxes, sizes, scores, img.size):
+    draw.rectangle((x0, y0, x1, y1), fill=PALETTE[int(labels[k]) % len(PALETTE)])
+    draw.text((x0, y0), texts[k], fill=(0, 0, 0), font=text_font)
   return img
+
+
+def label_places(
+  boxes: np.ndarray, sizes: Sequence[tuple[int, int]], scores: np.ndarray, picture: tuple[int, int]
+) -> list[tuple[int, tuple[int, int, int, int]]]:
+  """Where labels go: (detection index, label rectangle x0, y0, x1, y1), best score first. A label of size
+  sizes[k] = (w, h) sits on its box's top-left corner, above the box where there is room, moved inside the picture
+  (width, height); one that would overlap a label already placed is left out, so crowded or small pictures keep
+  readable labels for their best detections."""
+  width, height = picture
+  placed: list[tuple[int, tuple[int, int, int, int]]] = []
+  for k in np.argsort(-np.asarray(scores), kind="stable"):
+    w, h = (int(v) for v in sizes[k])
+    x0 = int(min(max(0, boxes[k][0]), max(0, width - w)))
+    y0 = int(max(0, boxes[k][1] - h))
+    rect = (x0, y0, x0 + w, y0 + h)
+    if all(rect[2] <= r[0] or r[2] <= rect[0] or rect[3] <= r[1] or r[3] <= rect[1] for _, r in placed):
+      placed.append((int(k), rect))
+  return placed
 
 
 def token_maps(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -65,6 +84,9 @@ def token_maps(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
   Attention: the decoder attention map (dam.attention_map), what the scoring network learns to predict.
   """
   shapes = [tuple(int(v) for v in s) for s in np.asarray(outputs["spatial_shapes"])]
+  # Model code, imported here only: pictures of an exported detector's outputs never load it.
+  from sparse_detr_jax import dam  # pylint: disable=import-outside-toplevel
+
   attention = dam.attention_map(shapes, outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
   if "backbone_topk_proposals" not in outputs:
     return ~outputs["mask_flatten"], attention

@@ -1,6 +1,9 @@
 """detector.Detector on the official fixture checkpoints: the jitted model + official post-processing on the
 evaluation transform, clipped boxes, any sizes and counts, one compiled function per canvas, bad input."""
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -168,3 +171,26 @@ def test_bad_threshold_and_paths(detector, tmp_path):
     Detector.from_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match="batch_size"):
     Detector(lambda c: None, {}, tiny_config().data, {}, batch_size=0)
+
+
+SECOND_PROCESS = """
+import sys, jax, numpy as np
+from test_detector import tiny_config
+from sparse_detr_jax import Detector
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+detector = Detector.from_checkpoint(sys.argv[1], tiny_config())
+detector(np.zeros((48, 64, 3), np.uint8))
+print(events.count("/jax/compilation_cache/cache_hits"), events.count("/jax/compilation_cache/cache_misses"))
+"""
+
+
+def test_a_second_process_loads_what_the_first_compiled(tmp_path):
+  """Detector turns on JAX's persistent compilation cache (here in a fresh directory): the same detection in a
+  second process compiles nothing."""
+  env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "JAX_COMPILATION_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin"}
+  cmd = [sys.executable, "-c", SECOND_PROCESS, str(official("tiny_sparse.pth"))]
+  runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300) for _ in range(2)]
+  assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-3000:]
+  (hits_1, misses_1), (hits_2, misses_2) = (map(int, r.stdout.split()) for r in runs)
+  assert misses_1 >= 1 and hits_2 >= 1 and misses_2 == 0, (hits_1, misses_1, hits_2, misses_2)

@@ -139,3 +139,26 @@ def test_folders_stand_for_their_images_and_usage_errors_write_nothing(tmp_path)
   )  # fmt: skip
   assert run.returncode == 2 and "--threshold: expected a score in [0, 1], got 2.0" in run.stderr, run.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_labels_stay_readable_on_a_small_crowded_picture():
+  """30 overlapping detections on a 140x200 picture: every box drawn, labels only where they cover no other label
+  (the best detection's first), inside the picture."""
+  rng = np.random.default_rng(0)
+  xy = rng.uniform(0, 120, (30, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(10, 60, (30, 2))], 1).clip(0, [200, 140, 200, 140])
+  scores, labels = rng.uniform(0.3, 1.0, 30), rng.integers(1, 4, 30)
+  names = {1: "circle", 2: "square", 3: "triangle"}
+  image = np.full((140, 200, 3), 255, np.uint8)
+  text_font = visualize.font(140)
+  draw = visualize.ImageDraw.Draw(Image.fromarray(image))
+  texts = [f"{names[int(c)]} {s:.2f}" for c, s in zip(labels, scores, strict=True)]
+  sizes = [draw.textbbox((0, 0), t, font=text_font)[2:] for t in texts]
+  places = visualize.label_places(boxes, sizes, scores, (200, 140))
+  assert places[0][0] == int(np.argmax(scores)) and 1 < len(places) < 30
+  for i, (_, a) in enumerate(places):
+    assert 0 <= a[0] and a[2] <= 200 and 0 <= a[1] and a[3] <= 140
+    for _, b in places[i + 1 :]:
+      assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]  # no two labels overlap
+  picture = np.asarray(visualize.draw_detections(image, boxes, labels, scores, names))
+  assert picture.shape == image.shape and (picture != 255).any(-1).mean() < 0.6  # boxes and a few labels

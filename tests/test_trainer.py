@@ -501,3 +501,6 @@ def test_the_log_says_when_checkpoints_are_written_and_the_run_ends(straight_run
   first = next(line for line in log.splitlines() if f"step 1/{STEPS}" in line)
   assert "(compiled and ran)" in first and "ETA" not in first  # no rate from a step that was mostly compiling
   assert "ETA" in next(line for line in log.splitlines() if f"step 2/{STEPS}" in line)
+  logged = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+  counts = [(m["skipped_images"], m["dropped_boxes"]) for m in logged if "total_loss" in m]
+  assert counts and set(counts) == {(0, 0)}, counts  # shapes images have 1-4 boxes, max_boxes is 6

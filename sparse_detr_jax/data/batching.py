@@ -11,19 +11,22 @@ import dataclasses
 import numpy as np
 
 
-def check_buckets(buckets, max_side_short: int, max_size: int) -> list[tuple[int, int]]:
-  """Validated buckets; error unless some bucket holds every image the transforms can produce.
+def check_buckets(
+  buckets, max_side_short: int, max_size: int, what: str = "config data.buckets"
+) -> list[tuple[int, int]]:
+  """Validated buckets; error (naming them as `what`) unless some bucket holds every image the transforms can
+  produce.
 
   Outputs have shorter side <= `max_side_short` and longer side <= `max_size`, in both orientations.
   """
   bs = [tuple(int(v) for v in b) for b in buckets]
   if not bs or any(len(b) != 2 or min(b) <= 0 for b in bs):
-    raise ValueError(f"config data.buckets must be a non-empty list of (height, width), got {buckets!r}")
+    raise ValueError(f"{what} must be a non-empty list of (height, width), got {buckets!r}")
   for need in ((max_side_short, max_size), (max_size, max_side_short)):
     if not any(b[0] >= need[0] and b[1] >= need[1] for b in bs):
-      raise ValueError(f"config data.buckets {bs} cannot hold a {need[0]}x{need[1]} (h x w) image, which "
+      raise ValueError(f"{what} {bs} cannot hold a {need[0]}x{need[1]} (h x w) image, which "
                        f"the transforms produce (shorter side up to {max_side_short}, longer side up to "
-                       f"max_size={max_size}): add a bucket at least that large")
+                       f"max_size={max_size}): add a canvas at least that large")
   return sorted(set(bs), key=lambda b: (b[0] * b[1], b))
 
 

@@ -4,18 +4,22 @@
 arrays, see `LoadBatch`); `iterate` turns one into an iterator with worker processes and prefetch
 whose `get_state()` / `set_state()` resume at the next batch. Global batch k is the same on every
 host (plans depend on seed, epoch and the annotation metadata only); host p takes slots
-[p * L, (p + 1) * L) of it, L = global_batch / process_count.
+[p * L, (p + 1) * L) of it, L = global_batch / process_count. Only the functions that build grain datasets
+import grain: the planning (`data_spec`, `Planner`, `LoadBatch`, `eval_batches`) runs without it.
 """
 import functools
 import logging
 import types
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 from absl import flags
 
 from sparse_detr_jax.data import batching, transforms
 from sparse_detr_jax.data.sources import Annotations, SampleError
+
+if TYPE_CHECKING:
+  import grain
 
 
 def data_spec(data_config) -> types.SimpleNamespace:
@@ -117,24 +121,37 @@ class LoadBatch:
 
 
 def train_dataset(source, data_config, global_batch: int, seed: int, num_batches: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1) -> "grain.MapDataset":
   """`num_batches` host-local training batches over as many epochs as needed."""
+  import grain  # pylint: disable=import-outside-toplevel
+
   planner = Planner(source.sizes, data_spec(data_config), global_batch, seed, train=True)
   return grain.MapDataset.range(num_batches).map(LoadBatch(source, planner, process_index, process_count))
 
 
-def eval_dataset(source, data_config, global_batch: int, process_index: int = 0, process_count: int = 1,
-                 move_up: bool = True) -> grain.MapDataset:
-  """Every image once (val transform), padded to whole global batches with image_id -1 slots. Not
-  `move_up`: every image on its own smallest canvas (batching.group_batches), for results that do not
-  depend on which other images came with it (Detector)."""
+def eval_batches(source, data_config, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 move_up: bool = True) -> tuple[int, LoadBatch]:
+  """(number of batches, batch index -> host-local batch): every image once (val transform), padded to whole
+  global batches with image_id -1 slots. Not `move_up`: every image on its own smallest canvas
+  (batching.group_batches), for results that do not depend on which other images came with it (Detector).
+  Without grain, which an exported detector's machine need not install."""
   planner = Planner(source.sizes, data_spec(data_config), global_batch, 0, train=False, move_up=move_up)
-  return grain.MapDataset.range(planner.batches_per_epoch).map(
-      LoadBatch(source, planner, process_index, process_count))
+  return planner.batches_per_epoch, LoadBatch(source, planner, process_index, process_count)
 
 
-def iterate(dataset: grain.MapDataset, num_workers: int, prefetch: int = 2) -> grain.DatasetIterator:
+def eval_dataset(source, data_config, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 move_up: bool = True) -> "grain.MapDataset":
+  """`eval_batches` as a grain MapDataset."""
+  import grain  # pylint: disable=import-outside-toplevel
+
+  count, load = eval_batches(source, data_config, global_batch, process_index, process_count, move_up)
+  return grain.MapDataset.range(count).map(load)
+
+
+def iterate(dataset: "grain.MapDataset", num_workers: int, prefetch: int = 2) -> "grain.DatasetIterator":
   """Iterator with `num_workers` worker processes (0: in this process); checkpointable state."""
+  import grain  # pylint: disable=import-outside-toplevel
+
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if num_workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags.
