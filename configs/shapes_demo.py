@@ -4,8 +4,8 @@ shapes dataset, with the small from-scratch `small_convnet` backbone (strides 8-
 
     make demo     # = create .venv, then:
     python -m sparse_detr_jax.data.shapes data/shapes --train 2000 --val 200 --seed 0
-    python train.py --config configs/shapes_demo.py --workdir runs/shapes_demo
-    python evaluate.py --config configs/shapes_demo.py --workdir runs/shapes_demo
+    python train.py --config configs/shapes_demo.py --workdir runs/shapes_demo --noretain_host_memory
+    python evaluate.py --config configs/shapes_demo.py --workdir runs/shapes_demo --noretain_host_memory
     python -m sparse_detr_jax.predict --config configs/shapes_demo.py --workdir runs/shapes_demo \
         --threshold 0.3 --mechanism --out runs/shapes_demo/pictures data/shapes/val/01000001.jpg ...
 
