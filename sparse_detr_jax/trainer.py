@@ -64,13 +64,13 @@ def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> 
         f"train.init_checkpoint {t.init_checkpoint} has backbone {mc.backbone}, config has {cfg.model.backbone}"
       )
     return variables
+  if t.backbone_checkpoint and cfg.model.backbone != "resnet50":
+    raise ValueError(
+      f"train.backbone_checkpoint: torchvision's ResNet-50 weights start a resnet50 model; this config's backbone "
+      f"is {cfg.model.backbone}: start from an official Sparse DETR checkpoint with train.init_checkpoint instead"
+    )
   variables = model_lib.init_variables(model, rng)
   if t.backbone_checkpoint:
-    if cfg.model.backbone != "resnet50":
-      raise ValueError(
-        f"train.backbone_checkpoint: torchvision's ResNet-50 weights start a resnet50 model; this config's backbone "
-        f"is {cfg.model.backbone}: start from an official Sparse DETR checkpoint with train.init_checkpoint instead"
-      )
     variables = convert.load_torchvision_resnet50(t.backbone_checkpoint, variables)
   return variables
 

@@ -504,3 +504,10 @@ def test_the_log_says_when_checkpoints_are_written_and_the_run_ends(straight_run
   logged = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
   counts = [(m["skipped_images"], m["dropped_boxes"]) for m in logged if "total_loss" in m]
   assert counts and set(counts) == {(0, 0)}, counts  # shapes images have 1-4 boxes, max_boxes is 6
+
+
+def test_imagenet_resnet_weights_for_a_swin_model_are_refused_before_anything_is_built():
+  cfg = config_lib.load_config_file(str(ROOT / "configs" / "swint_sparse_detr_rho_0.1.py"))
+  cfg.train.backbone_checkpoint = "resnet50-0676ba61.pth"
+  with pytest.raises(ValueError, match="this config's backbone is swin-t: start from an official Sparse DETR"):
+    trainer.initial_variables(cfg, None, None)
