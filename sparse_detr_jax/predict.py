@@ -112,10 +112,7 @@ def main(argv: list[str]) -> None:
     cli.usage_error(f"--threshold: expected a score in [0, 1], got {FLAGS.threshold}")
   if FLAGS.batch_size < 1:
     cli.usage_error(f"--batch_size: expected at least 1, got {FLAGS.batch_size}")
-  try:
-    paths = expand(argv[1:])
-  except FileNotFoundError as e:
-    cli.usage_error(str(e))
+  paths = expand(argv[1:])  # a missing file or an empty folder: one line, exit 2 (cli.run)
   logs.quiet_library_logs()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   detector = Detector.from_checkpoint(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, FLAGS.batch_size)

@@ -286,14 +286,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
       if step == start + 1 and _precompile(t.precompile):
         step_fn.compile_all(state, batch, pipeline.data_spec(cfg.data).buckets)
       skipped += int(host["skipped"].sum())
-      if host["truncated"].any() and not dropped:
+      truncated = int(host["truncated"].sum())
+      if truncated and not dropped:
         logging.warning(
           "step %d: an image has more than data.max_boxes = %d boxes; the rest are dropped (raise "
           "--config.data.max_boxes to keep them; the count is the dropped_boxes metric)",
           step,
           cfg.data.max_boxes,
         )
-      dropped += int(host["truncated"].sum())
+      dropped += truncated
       preempted = watcher.reached(step)
       checkpoint = step % t.checkpoint_every == 0 or step == sch.total_steps or preempted
       log = step % t.log_every == 0 or step == sch.total_steps or step == start + 1 or preempted
