@@ -7,16 +7,17 @@ JAX writes into the compiled program, to a part of the step, forward and backwar
 
 `--forward` profiles the jitted inference forward (model.apply on random images) instead of the train step.
 
-Parts: backbone convolutions, the rest of the backbone (frozen BatchNorm, ReLU, pooling), deformable sampling
-(MSDeformAttn between its linear layers: corner indices and weights, the gather, the weighted sum; its backward
-is the scatter-add), the rest of the model (linear layers, norms, heads, top-rho / top-k), matcher (cost and
-solver, `jax.named_scope("matcher")`), losses (`"losses"`, the DAM target included), optimiser (`"optimizer"`),
-what is left (gradient clipping, the non-finite guard, metrics), and ops XLA left without op_name metadata
-(some of its fusions: "unattributed"). Ops of one program may run concurrently
-(XLA:CPU runs independent thunks on its thread pool), so the op times add up to more than the step: the table
-gives each part's share of the op time, and the wall time of the step beside it. A host callback's time (the
-scipy matcher) is its custom-call's. On a GPU the device kernels are attributed through the HLO op named in the
-trace's device timelines (untested here: no GPU in this project's CI). `--top N` also lists the N longest ops.
+Parts (`sparse_detr_jax/costmodel.py`, which also gives XLA:TPU's estimate of each): backbone convolutions, the
+rest of the backbone (frozen BatchNorm, ReLU, pooling), deformable sampling (MSDeformAttn between its linear
+layers: corner indices and weights, the gather, the weighted sum; its backward is the scatter-add), the rest of the
+model (linear layers, norms, heads, top-rho / top-k), matcher (cost and solver, `jax.named_scope("matcher")`),
+losses (`"losses"`, the DAM target included), optimiser (`"optimizer"`, with the non-finite guard XLA fuses into
+it), collectives (the gradient all-reduce), what is left (gradient clipping, metrics), and ops XLA left without
+op_name metadata (some of its fusions: "unattributed"). Ops of one program may run concurrently (XLA:CPU runs
+independent thunks on its thread pool), so the op times add up to more than the step: the table gives each part's
+share of the op time, and the wall time of the step beside it. A host callback's time (the scipy matcher) is its
+custom-call's. On a GPU the device kernels are attributed through the HLO op named in the trace's device timelines
+(untested here: no GPU in this project's CI). `--top N` also lists the N longest ops.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import collections
 import gzip
 import json
 import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -35,68 +35,7 @@ import train_step
 from sparse_detr_jax import benchmark
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import model as model_lib
-
-DEFORMABLE_LINEARS = ("value_proj", "sampling_offsets", "attention_weights", "output_proj")
-PARTS = (
-  "backbone convolutions",
-  "backbone, other",
-  "deformable sampling",
-  "model, other",
-  "matcher",
-  "losses",
-  "optimizer",
-  "rest of the step",
-  "unattributed",
-)
-
-
-def part(op_name: str, opcode: str) -> str:
-  """The part of the step an op belongs to, from its HLO op_name metadata (and opcode, for convolutions)."""
-  if not op_name:
-    return "unattributed"
-  # A scope inside a JAX transformation is named through it: "jvp(losses)", "transpose(jvp(SparseDETR))".
-  path = [re.sub(r"^(?:\w+\()*([^()]*)\)*$", r"\1", p) for p in op_name.split("/")]
-  if "matcher" in path or "callback" in opcode:
-    return "matcher"
-  if "losses" in path:
-    return "losses"
-  if "optimizer" in path:
-    return "optimizer"
-  if "backbone" in path:
-    conv = any(x.startswith(("conv", "downsample_conv")) for x in path)  # 3x3 and 7x7 convs, pointwise matmuls
-    return "backbone convolutions" if conv else "backbone, other"
-  for i, p in enumerate(path):
-    deformable = (p.startswith("encoder_layers") and path[i + 1 : i + 2] == ["self_attn"]) or (
-      p.startswith("decoder_layers") and path[i + 1 : i + 2] == ["cross_attn"]
-    )
-    if deformable:
-      return "model, other" if any(x in path for x in DEFORMABLE_LINEARS) else "deformable sampling"
-  return "model, other" if "SparseDETR" in path else "rest of the step"
-
-
-def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """HLO instruction name -> (opcode, op_name metadata) for every instruction of a compiled module's text; a
-  fusion without metadata of its own takes that of the last instruction in its computation that has one."""
-  ops, calls, last_meta, computation = {}, {}, {}, None
-  for line in hlo_text.splitlines():
-    head = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
-    if head and line.rstrip().endswith("{"):
-      computation = head.group(1)
-    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
-    if m:
-      name, opcode = m.groups()
-      meta = re.search(r'op_name="([^"]+)"', line)
-      target = re.search(r'custom_call_target="([^"]+)"', line)
-      called = re.search(r"calls=%([\w.\-]+)", line)
-      opcode = f"{opcode}:{target.group(1)}" if target else opcode
-      if opcode == "fusion":  # a fusion is named by what it holds: convolution / dot / gather ... fusions
-        opcode = name
-      if called:
-        calls[name] = called.group(1)
-      if meta:
-        last_meta[computation] = meta.group(1)
-      ops[name] = (opcode, meta.group(1) if meta else "")
-  return {n: (op, meta or last_meta.get(calls.get(n), "")) for n, (op, meta) in ops.items()}
+from sparse_detr_jax.costmodel import PARTS, direction, hlo_ops, part
 
 
 def traced_op_times(step, state, batch, steps: int, ops: dict) -> tuple[collections.Counter, float]:
@@ -156,7 +95,7 @@ def main() -> None:
   table = collections.defaultdict(float)
   for name, us in times.items():
     opcode, op_name = ops[name]
-    table[part(op_name, opcode), "backward" if "transpose(" in op_name else "forward"] += us / a.steps / 1e3
+    table[part(op_name, opcode), direction(op_name)] += us / a.steps / 1e3
   total = sum(table.values())
   print(
     f"{a.config} {'forward' if a.forward else 'train step'}, {a.height}x{a.width}, "

@@ -8,8 +8,9 @@ TPUs through `libtpu`, `make preflight` installs it apart from the project's env
 JAX's CUDA plugin). The state and batch are built as train.py builds them on that machine (a `data` mesh over
 every chip, the state replicated and donated, the batch split over the chips, the matcher that 'auto' means
 there, the config's dtype), as abstract arrays. One row per canvas: compile seconds, per-chip memory against
-the chip's, FLOPs and bytes per step, host callbacks, all-reduces, and, on TPU, XLA's cost-model step time:
-an estimate, not a measurement. Exit status 1 when a canvas does not fit, naming the largest batch that does.
+the chip's, FLOPs and bytes per step, host callbacks, all-reduces, and, on TPU, XLA's cost-model step time,
+images/s and model FLOPs utilisation, with the step time by part of the model (`costmodel.py`): estimates, not
+measurements. Exit status 1 when a canvas does not fit, naming the largest batch that does.
 """
 
 import dataclasses
@@ -23,9 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sparse_detr_jax import xla_flags
+from sparse_detr_jax import costmodel, xla_flags
 
 GIB = 2.0**30
+ANALYSIS_VERSION = "2"  # of what a cached analysis holds: older ones are compiled again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +39,16 @@ class Chip:
   peak_bf16_tflops: float
   cores_per_chip: int = 1  # v4 and v5p slice names count TensorCores, two per chip
   dims: int = 2  # TPU torus dimensions
+  # The clock XLA:TPU's per-instruction cycle estimates are converted at (published peak / MXU FLOPs per cycle); None
+  # where they were not checked against a plain bf16 matmul (docs/preflight.md): no step-time estimate there.
+  clock_ghz: float | None = None
 
 
 CHIPS = {
   "v4": Chip("tpu", 32, 275, cores_per_chip=2, dims=3),
-  "v5e": Chip("tpu", 16, 197),
-  "v5p": Chip("tpu", 95, 459, cores_per_chip=2, dims=3),
-  "v6e": Chip("tpu", 32, 918),
+  "v5e": Chip("tpu", 16, 197, clock_ghz=1.5),
+  "v5p": Chip("tpu", 95, 459, cores_per_chip=2, dims=3, clock_ghz=1.75),
+  "v6e": Chip("tpu", 32, 918, clock_ghz=1.75),
   "a100": Chip("cuda", 79.2, 312),  # 80 GB cards: the device memory the driver reports
   "h100": Chip("cuda", 79.1, 989),
   "h200": Chip("cuda", 140.4, 989),
@@ -146,10 +151,13 @@ class Program:
   temp_bytes: int
   flops: float | None
   bytes_accessed: float | None
-  est_step_s: float | None  # XLA's TPU cost model: an estimate
+  est_step_s: float | None  # XLA:TPU's cost model, summed over the step's instructions: an estimate
   host_callbacks: int
   all_reduces: int
   all_reduce_bytes: int
+  matmul_flops: float | None = None  # matrix products and convolutions, loops counted in full (costmodel.matmul_flops)
+  est_parts: dict[str, float] | None = None  # the estimate by 'part/direction' (costmodel.PARTS)
+  unknown_trip_loops: int = 0  # data-dependent loops (the matcher's): counted once per entry, the estimate a bound
   cached: bool = False  # read from the preflight cache: compile_s is that of the original compile
 
   @property
@@ -183,16 +191,22 @@ def host_callbacks(hlo: str) -> int:
   return len(calls) + len(transfers)
 
 
-def analyse(function: str, canvas, per_chip_batch: int, compiled: Any, compile_s: float) -> Program:
+def analyse(
+  function: str, canvas, per_chip_batch: int, compiled: Any, compile_s: float, clock_ghz: float | None, jaxpr: Any
+) -> Program:
+  """What XLA says of a compiled program; with `clock_ghz` (TPU), its cost model's step time by part."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, list) else cost
   hlo = compiled.as_text()
   n, nbytes = collectives(hlo)
+  est = costmodel.estimate(hlo, clock_ghz) if clock_ghz else None
   return Program(
     function, tuple(canvas), per_chip_batch, compile_s,
     mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes,
-    cost.get("flops"), cost.get("bytes accessed"), cost.get("optimal_seconds"), host_callbacks(hlo), n, nbytes,
+    cost.get("flops"), cost.get("bytes accessed"), est.total_s if est else None, host_callbacks(hlo), n, nbytes,
+    costmodel.matmul_flops(jaxpr), {f"{p}/{d}": t for (p, d), t in est.seconds.items()} if est else None,
+    est.unknown_trip_loops if est else 0,
   )  # fmt: skip
 
 
@@ -217,7 +231,9 @@ def _refused(error: Exception, function: str, canvas, per_chip_batch: int, args,
 class Builder:
   """A config's train step and inference function, lowered for a mesh of device descriptions."""
 
-  def __init__(self, cfg, devices_: Sequence[Any], platform: str, cache_dir: str | None = None):
+  def __init__(
+    self, cfg, devices_: Sequence[Any], platform: str, cache_dir: str | None = None, clock_ghz: float | None = None
+  ):
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -238,6 +254,7 @@ class Builder:
     self.mesh = jax.sharding.Mesh(np.array(devices_), ("data",))
     self.model = model_lib.build_model(self.cfg.model)
     self.cache_dir = cache_dir
+    self.clock_ghz = clock_ghz
 
   def _state(self, global_batch: int):
     import jax  # pylint: disable=import-outside-toplevel
@@ -300,14 +317,17 @@ class Builder:
     """Lower and compile `function`; with a cache directory, a program lowered before is not compiled again (the
     compiler's own cache cannot load programs compiled for absent devices): its recorded analysis is returned."""
     fn, args = (self.train_step if function == "train" else self.predict)(per_chip_batch, canvas)
-    lowered = fn.lower(*args)
+    traced = fn.trace(*args)
+    lowered = traced.lower()
     path = self._cache_path(lowered)
     if path and os.path.exists(path):
       with open(path) as f:
         return Program(**{**json.load(f), "canvas": tuple(canvas), "cached": True})
     start = time.perf_counter()
     try:
-      program = analyse(function, canvas, per_chip_batch, lowered.compile(), time.perf_counter() - start)
+      compiled = lowered.compile()
+      clock = self.clock_ghz
+      program = analyse(function, canvas, per_chip_batch, compiled, time.perf_counter() - start, clock, traced.jaxpr)
     except Exception as e:  # XLA:TPU refuses a program larger than the chip's memory
       program = _refused(e, function, canvas, per_chip_batch, args, time.perf_counter() - start)
     if path:
@@ -327,7 +347,9 @@ class Builder:
     libtpu = os.environ.get("TPU_LIBRARY_PATH", "")
     compiler = [jax.__version__, libtpu, str(os.path.getsize(libtpu)) if os.path.isfile(libtpu) else ""]
     flags = [os.environ.get("LIBTPU_INIT_ARGS", ""), os.environ.get("XLA_FLAGS", "")]
-    key = "\n".join([lowered.as_text(), repr(list(self.mesh.devices.flat)), d.device_kind, *compiler, *flags])
+    key = "\n".join(
+      [ANALYSIS_VERSION, lowered.as_text(), repr(list(self.mesh.devices.flat)), d.device_kind, *compiler, *flags]
+    )
     return os.path.join(self.cache_dir, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
 
@@ -389,13 +411,8 @@ def _gib(x: float) -> str:
   return f"{x / GIB:.2f}"
 
 
-def _est(p: Program) -> float | None:
-  """The cost model's step time, None where XLA gives none or cannot price the program (0 or negative)."""
-  return p.est_step_s if p.est_step_s is not None and p.est_step_s > 0 else None
-
-
 def report_row(p: Program, topology: Topology) -> dict[str, Any]:
-  est = _est(p)
+  est = p.est_step_s
   return {
     "function": p.function,
     "canvas": f"{p.canvas[0]}x{p.canvas[1]}",
@@ -413,30 +430,46 @@ def report_row(p: Program, topology: Topology) -> dict[str, Any]:
     "host_callbacks": p.host_callbacks,
     "all_reduces": p.all_reduces,
     "all_reduce_bytes": p.all_reduce_bytes,
+    "matmul_flops": p.matmul_flops,
     "est_step_s": est,  # XLA's TPU cost model: an estimate, not a measurement
     "est_images_per_s_per_chip": p.per_chip_batch / est if est else None,
     "est_images_per_s": p.per_chip_batch * topology.chips / est if est else None,
-    # Model FLOP utilisation by the estimate: XLA's FLOP count over the chip's peak bf16 rate for est_step_s.
-    "est_mfu": p.flops / (est * topology.chip.peak_bf16_tflops * 1e12) if est and p.flops else None,
-    "est_cost_model_output": p.est_step_s,
+    # Model FLOPs utilisation by the estimate: matrix-product FLOPs over the chip's peak bf16 rate for est_step_s.
+    "est_mfu": p.matmul_flops / (est * topology.chip.peak_bf16_tflops * 1e12) if est and p.matmul_flops else None,
+    "est_parts_s": p.est_parts,
+    "est_unknown_trip_loops": p.unknown_trip_loops,
   }
 
 
 def format_row(r: dict[str, Any]) -> str:
   est = f"{r['est_step_s']:.4f}" if r["est_step_s"] else "n/a"
   rate = f"{r['est_images_per_s_per_chip']:.1f}" if r["est_images_per_s_per_chip"] else "n/a"
+  mfu = f"{100 * r['est_mfu']:.1f}%" if r["est_mfu"] else "n/a"
   flops = f"{r['flops'] / 1e12:.2f}" if r["flops"] else "n/a"
   return (
     f"{r['function']:<8}{r['canvas']:>10}{r['per_chip_batch']:>6}{r['compile_s']:>9.1f}{'c' if r['cached'] else ' '}"
     f"{r['argument_gib']:>8.2f}{r['temp_gib']:>8.2f}{r['output_gib']:>8.2f}"
     f"{r['hbm_gib']:>8.2f}/{r['capacity_gib']:<6g}{int(r['fits']):>5}{flops:>9}{r['host_callbacks']:>5}"
-    f"{r['all_reduces']:>5}{r['all_reduce_bytes'] / 2**20:>9.1f}{est:>10}{rate:>9}"
+    f"{r['all_reduces']:>5}{r['all_reduce_bytes'] / 2**20:>9.1f}{est:>10}{rate:>9}{mfu:>7}"
   )
+
+
+def format_parts(r: dict[str, Any]) -> list[str]:
+  """Where the estimated step time goes: one line per part of the model, forward and backward ms, share."""
+  parts, total = r["est_parts_s"], r["est_step_s"]
+  lines = [f"  {r['function']} {r['canvas']}: estimated time by part (ms forward, backward, share)"]
+  for name in costmodel.PARTS:
+    f, b = parts.get(f"{name}/forward", 0.0), parts.get(f"{name}/backward", 0.0)
+    if f + b > 0:
+      lines.append(f"    {name:<24}{1e3 * f:>9.1f}{1e3 * b:>9.1f}{100 * (f + b) / total:>7.1f}%")
+  if r["est_unknown_trip_loops"]:
+    lines.append(f"    ({r['est_unknown_trip_loops']} data-dependent loops, the matcher's, counted once per entry)")
+  return lines
 
 
 HEADER = (
   f"{'function':<8}{'canvas':>10}{'batch':>6}{'compile_s':>10}{'args':>8}{'temps':>8}{'outs':>8}"
-  f"{'HBM GiB/chip':>15}{'fits':>5}{'TFLOP':>9}{'cb':>5}{'ar':>5}{'ar MiB':>9}{'est_s':>10}{'img/s':>9}"
+  f"{'HBM GiB/chip':>15}{'fits':>5}{'TFLOP':>9}{'cb':>5}{'ar':>5}{'ar MiB':>9}{'est_s':>10}{'img/s':>9}{'MFU':>7}"
 )
 
 
@@ -451,7 +484,7 @@ def run(
   log=print,
 ) -> dict:
   """Compile every function for every canvas; the report (rows, the largest batch of what does not fit)."""
-  builder = Builder(cfg, devices_, topology.chip.platform, cache_dir)
+  builder = Builder(cfg, devices_, topology.chip.platform, cache_dir, topology.chip.clock_ghz)
   log(
     f"{topology.name}: {topology.chips} x {topology.kind} ({topology.hbm_gib:g} GiB each), mesh 'data' over "
     f"every chip; {cfg.model.backbone}, rho {cfg.model.rho}, {cfg.model.dtype}, matcher {builder.cfg.loss.matcher}"
@@ -459,16 +492,21 @@ def run(
   if builder.note:
     log(builder.note)
   log(HEADER)
-  rows, short = [], []
+  rows, short, parts = [], [], []
   for canvas in canvases:
     for function in functions:
       p = builder.compile(function, per_chip_batch, canvas)
       row = report_row(p, topology)
       rows.append(row)
       log(format_row(row))
+      if row["est_parts_s"]:
+        parts.append(row)
       if not row["fits"]:
         row["largest_fitting_batch"] = largest_batch(builder, function, canvas, topology.hbm_gib, p, log)
         short.append(row)
+  for row in parts:
+    for line in format_parts(row):
+      log(line)
   return {
     "topology": topology.name, "chips": topology.chips, "kind": topology.kind, "platform": topology.chip.platform,
     "capacity_gib": topology.hbm_gib, "rows": rows, "does_not_fit": short,
@@ -529,7 +567,10 @@ def main(argv: Sequence[str]) -> None:
     with open(f.json, "w") as out:
       json.dump(report, out, indent=1)
   if topology.chip.platform == "tpu":
-    print("est_* figures are XLA's TPU performance model: estimates, not measurements (n/a: none it can price)")
+    print(
+      "est_s, img/s, MFU: XLA:TPU's cost model, estimates, not measurements"
+      + ("" if topology.chip.clock_ghz else f" (n/a: not checked on {topology.kind})")
+    )
   print(summary_line(report))
   sys.exit(1 if report["does_not_fit"] else 0)
 

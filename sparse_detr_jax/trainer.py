@@ -113,12 +113,12 @@ def make_train_step(
     (loss, ld), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     labels = optim.param_labels(grads, cfg.model.backbone, cfg.train.freeze_early_backbone)
     gnorm = optax.tree.norm(jax.tree.map(lambda g, l: g if l != "frozen" else jnp.zeros_like(g), grads, labels))
-    with jax.named_scope("optimizer"):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     apply = ok & (state.first_nonfinite < 0) if stop else ok
-    new = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, state.replace(step=state.step + 1))
+    with jax.named_scope("optimizer"):  # the update and its non-finite guard (XLA fuses the two)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+      new = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, state.replace(step=state.step + 1))
     new = new.replace(
       nonfinite_steps=state.nonfinite_steps + (~ok).astype(jnp.int32),
       first_nonfinite=jnp.where((state.first_nonfinite < 0) & ~ok, state.step + 1, state.first_nonfinite),

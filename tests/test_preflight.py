@@ -78,7 +78,15 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
   assert train["all_reduces"] >= 1 and predict["all_reduces"] == 0  # the gradient mean; inference is per chip
   # Per-chip memory, measured once (libtpu 0.0.42.1): train 0.19 GiB, inference 0.017 GiB.
   assert 0.15 < train["hbm_gib"] < 0.25 and 0.01 < predict["hbm_gib"] < 0.03, (train["hbm_gib"], predict["hbm_gib"])
-  assert predict["est_step_s"] > 0 and predict["flops"] > 0
+  assert predict["flops"] > 0
+  # XLA:TPU's estimate, by part of the model: every part's time adds up to the step's; the sampling is there in
+  # both directions of the train step, the matcher's loops are data-dependent.
+  for r in (train, predict):
+    assert r["est_step_s"] > 0 and 0 < r["est_mfu"] < 1 and r["matmul_flops"] > 0
+    assert abs(sum(r["est_parts_s"].values()) - r["est_step_s"]) < 1e-9
+  assert {"deformable sampling/forward", "deformable sampling/backward", "matcher/forward"} <= set(train["est_parts_s"])
+  assert train["est_unknown_trip_loops"] > 0 and predict["est_unknown_trip_loops"] == 0
+  assert "estimated time by part" in run.stdout
 
 
 def test_a_batch_too_large_exits_1_naming_the_batch_that_fits(tmp_path):
@@ -106,6 +114,34 @@ def test_a_host_callback_compiled_for_tpu_is_counted():
                        text=True, timeout=300)  # fmt: skip
   assert run.returncode == 0, run.stderr[-3000:]
   assert int(run.stdout.split()[-1]) >= 1, run.stdout
+
+
+SAMPLING = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from sparse_detr_jax import deformable_attention as da, preflight
+mesh = jax.sharding.Mesh(np.array(preflight.devices(preflight.parse_topology("v5e-4"))), ("data",))
+shapes = ((16, 24), (8, 12), (4, 6), (2, 3))
+n = sum(h * w for h, w in shapes)
+def lowered(q, dtype):
+  a = lambda *s, dt=jnp.float32: jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, P()))
+  args = (a(2, n, 8, 32, dt=dtype), a(2, q, 8, 4, 4, 2), a(2, q, 8, 4, 4, dt=dtype))
+  return jax.jit(da.deformable_sample, static_argnums=1).lower(args[0], shapes, *args[1:]).as_text()
+many = da.SEPARABLE_MIN_QUERIES
+for q, dtype in ((many, jnp.bfloat16), (300, jnp.bfloat16), (many, jnp.float32)):
+  print(q, jnp.dtype(dtype).name, "gather" in lowered(q, dtype))
+"""
+
+
+def test_tpu_programs_sample_without_a_gather_in_bfloat16():
+  """On TPU, bfloat16 sampling with many queries is the separable formulation (no gather); few queries or float32
+  keep the gather (deformable_attention.SEPARABLE_MIN_QUERIES)."""
+  require_libtpu()
+  env = dict(os.environ, TPU_LIBRARY_PATH=str(LIBTPU), **preflight.LIBTPU_ENVIRONMENT)
+  run = subprocess.run([sys.executable, "-c", SAMPLING], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split("\n")[-4:-1] == ["1024 bfloat16 False", "300 bfloat16 True", "1024 float32 True"], run.stdout
 
 
 def test_a_program_xla_refuses_for_memory_does_not_fit():
