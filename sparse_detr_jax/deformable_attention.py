@@ -138,18 +138,26 @@ def gather_sample(
   head = jnp.arange(m, dtype=jnp.int32)[None, None, :, None, None, None]
   rows = ((batch * n + idx) * m + head).reshape(b, q, m, -1)  # (B, Q, M, K)
   wts = wts.reshape(b, q, m, -1)
-  n_chunks = max(2, -(-q // query_chunk))
-  size = -(-q // n_chunks)
-  pad = n_chunks * size - q  # padded queries read row 0 with weight 0 and are cut off below
-
-  def chunks(x: jnp.ndarray) -> jnp.ndarray:  # (B, Q, M, K) -> (n_chunks, B, size, M, K)
-    x = jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)])
-    return jnp.moveaxis(x.reshape((b, n_chunks, size) + x.shape[2:]), 1, 0)
-
   value_rows = value.reshape(b * n * m, -1)  # (B * N * M, D)
   block = jax.checkpoint(_sample_block)
-  out = jax.lax.map(lambda c: block(value_rows, *c), (chunks(rows), chunks(wts)))  # (n_chunks, B, size, M*D)
-  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * size, -1)[:, :q]
+  return _map_query_blocks(lambda r, w: block(value_rows, r, w), (rows, wts), query_chunk)  # (B, Q, M * D)
+
+
+def _map_query_blocks(fn: Any, xs: Sequence[jnp.ndarray], query_chunk: int) -> jnp.ndarray:
+  """`fn` over blocks of the query axis (1) of the (B, Q, ...) arrays `xs`, in a loop (lax.map) of at least two
+  blocks of at most `query_chunk`; the last block is padded with zeros (those queries sample with weight 0) and
+  cut off: fn's (B, q, ...) per block -> (B, Q, ...)."""
+  b, q = xs[0].shape[:2]
+  n_chunks = max(2, -(-q // query_chunk))
+  size = -(-q // n_chunks)
+  pad = n_chunks * size - q
+
+  def blocks(x: jnp.ndarray) -> jnp.ndarray:  # (B, Q, ...) -> (n_chunks, B, size, ...)
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, n_chunks, size) + x.shape[2:]), 1, 0)
+
+  out = jnp.moveaxis(jax.lax.map(lambda c: fn(*c), tuple(blocks(x) for x in xs)), 0, 1)  # (B, n_chunks, size, ...)
+  return out.reshape((b, n_chunks * size) + out.shape[3:])[:, :q]
 
 
 def _linear_weights(grid: int, coordinate: jnp.ndarray) -> jnp.ndarray:
@@ -200,19 +208,11 @@ def separable_sample(
   q = locations.shape[1]
   starts = level_start_index(spatial_shapes)
   levels = [value[:, s : s + h * w].reshape(b, h, w, m, d) for s, (h, w) in zip(starts, spatial_shapes, strict=True)]
-  n_chunks = max(2, -(-q // query_chunk))
-  size = -(-q // n_chunks)
-  pad = n_chunks * size - q  # padded queries sample at (0, 0) with weight 0 and are cut off below
-
-  def chunks(x: jnp.ndarray) -> jnp.ndarray:  # (B, Q, ...) -> (n_chunks, B, size, ...)
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape((b, n_chunks, size) + x.shape[2:]), 1, 0)
-
   block = jax.checkpoint(functools.partial(_separable_block, spatial_shapes=spatial_shapes))
-  out = jax.lax.map(
-    lambda c: block(levels, locations=c[0], weights=c[1]), (chunks(locations), chunks(attention_weights))
+  out = _map_query_blocks(
+    lambda loc, w: block(levels, locations=loc, weights=w), (locations, attention_weights), query_chunk
   )
-  return jnp.moveaxis(out, 0, 1).reshape(b, n_chunks * size, m * d)[:, :q].astype(value.dtype)  # (B, Q, M * D)
+  return out.reshape(b, q, m * d).astype(value.dtype)  # (B, Q, M * D)
 
 
 def sampling_offset_bias_init(n_heads: int, n_levels: int, n_points: int):
