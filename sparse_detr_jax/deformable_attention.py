@@ -10,7 +10,7 @@ is computed without a gather, as matrix products (`separable_sample`).
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -98,16 +98,11 @@ def deformable_sample(
   `gather_sample`, except in bfloat16 with at least SEPARABLE_MIN_QUERIES queries on a TPU, where the program
   compiled there is `separable_sample` (the same sum: equal within float rounding, forward and gradients).
   """
-  gather = functools.partial(gather_sample, spatial_shapes=spatial_shapes, query_chunk=query_chunk)
+  gather = lambda v, loc, w: gather_sample(v, spatial_shapes, loc, w, query_chunk)
   if value.dtype != jnp.bfloat16 or locations.shape[1] < SEPARABLE_MIN_QUERIES:
-    return gather(value, locations=locations, attention_weights=attention_weights)
-  return jax.lax.platform_dependent(
-    value,
-    locations,
-    attention_weights,
-    tpu=lambda v, loc, w: separable_sample(v, spatial_shapes, loc, w, query_chunk),
-    default=lambda v, loc, w: gather(v, locations=loc, attention_weights=w),
-  )
+    return gather(value, locations, attention_weights)
+  separable = lambda v, loc, w: separable_sample(v, spatial_shapes, loc, w, query_chunk)
+  return jax.lax.platform_dependent(value, locations, attention_weights, tpu=separable, default=gather)
 
 
 def gather_sample(
@@ -143,7 +138,7 @@ def gather_sample(
   return _map_query_blocks(lambda r, w: block(value_rows, r, w), (rows, wts), query_chunk)  # (B, Q, M * D)
 
 
-def _map_query_blocks(fn: Any, xs: Sequence[jnp.ndarray], query_chunk: int) -> jnp.ndarray:
+def _map_query_blocks(fn: Callable[..., jnp.ndarray], xs: Sequence[jnp.ndarray], query_chunk: int) -> jnp.ndarray:
   """`fn` over blocks of the query axis (1) of the (B, Q, ...) arrays `xs`, in a loop (lax.map) of at least two
   blocks of at most `query_chunk`; the last block is padded with zeros (those queries sample with weight 0) and
   cut off: fn's (B, q, ...) per block -> (B, Q, ...)."""

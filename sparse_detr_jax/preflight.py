@@ -326,8 +326,8 @@ class Builder:
     start = time.perf_counter()
     try:
       compiled = lowered.compile()
-      clock = self.clock_ghz
-      program = analyse(function, canvas, per_chip_batch, compiled, time.perf_counter() - start, clock, traced.jaxpr)
+      seconds = time.perf_counter() - start
+      program = analyse(function, canvas, per_chip_batch, compiled, seconds, self.clock_ghz, traced.jaxpr)
     except Exception as e:  # XLA:TPU refuses a program larger than the chip's memory
       program = _refused(e, function, canvas, per_chip_batch, args, time.perf_counter() - start)
     if path:
