@@ -3,20 +3,22 @@
 --workdir: the latest checkpoint a training run wrote there, with the run's config (WORKDIR/config.json) unless
 --config is given; results go to the same workdir.
 --checkpoint: a checkpoint step directory (DIR/checkpoints/STEP), an official Sparse DETR .pth or a directory
-written by sparse_detr_jax.convert (their architecture comes with them; the config supplies data and eval settings).
-Prints the standard 12-number COCO table and writes eval_results.json / eval_metrics.json
-(with per-class AP) to --workdir, else the checkpoint's workdir or the directory holding it.
+written by sparse_detr_jax.convert. The model is always the checkpoint's own; the config supplies the data and
+eval settings. Prints the standard 12-number COCO table and writes eval_results.json / eval_metrics.json
+(with per-class AP) to --out, else --workdir, else the checkpoint's workdir or the directory holding it (said on
+the last line). COCOeval scores the annotation file's categories: detections of other ids count for nothing.
 """
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
-from sparse_detr_jax import cli, evaluator, hostmem, logs, loop, trainer, xla_flags
+from sparse_detr_jax import checkpoints, cli, evaluator, hostmem, logs, loop, trainer, xla_flags
 from sparse_detr_jax.data import sources
 
-config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "a config file whose data and eval blocks to use", lock_config=True)
 flags.DEFINE_string("workdir", None, "a training workdir: evaluate its latest checkpoint")
 flags.DEFINE_string("checkpoint", None, "checkpoint step directory, official .pth or converted directory")
+flags.DEFINE_string("out", None, "where eval_results.json and eval_metrics.json go (default: see above)")
 flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
 flags.DEFINE_bool("retain_host_memory", True, "keep freed host memory for reuse (sparse_detr_jax/hostmem.py)")
 FLAGS = flags.FLAGS
@@ -31,19 +33,17 @@ def main(argv):
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   if not (FLAGS.workdir or FLAGS.checkpoint):
     cli.usage_error("give --workdir or --checkpoint")
-  model, variables, cfg, found = trainer.load_for_inference(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config)
+  ckpt = checkpoints.find(FLAGS.checkpoint or FLAGS.workdir)
+  cfg = FLAGS.config if FLAGS.config is not None else ckpt.run_config
   if cfg is None:
     cli.usage_error(f"--config: needed with --checkpoint {FLAGS.checkpoint}, which carries no data or eval settings")
+  model, variables = checkpoints.load(ckpt, checkpoints.inference_model_config(ckpt, FLAGS.config) or cfg.model)
+  logging.info("evaluating %s", ckpt.describe())
+  out = FLAGS.out or FLAGS.workdir or str(ckpt.directory)
   evaluator.evaluate(
-    model,
-    variables,
-    sources.build_source(cfg.data, "val"),
-    cfg.data,
-    cfg.eval.batch_size,
-    trainer.data_mesh(),
-    FLAGS.workdir or found,
-    tag="eval",
+    model, variables, sources.build_source(cfg.data, "val"), cfg.data, cfg.eval.batch_size, trainer.data_mesh(), out
   )
+  print(f"evaluated {ckpt.describe()}; wrote eval_metrics.json and eval_results.json to {out}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ shapes dataset, with the small from-scratch `small_convnet` backbone (strides 8-
         --threshold 0.3 --mechanism --out runs/shapes_demo/pictures data/shapes/val/01000001.jpg ...
 
 5 epochs of 2000 images at batch 8 (~1240 steps, ~0.4 s each on 2 CPU cores), lr x0.1 after epoch 4.
-Results: see the README ("The CPU demo").
+Results: see the README ("Quick start").
 """
 
 from configs import common

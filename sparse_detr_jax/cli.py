@@ -5,10 +5,13 @@ once it runs (INPUT_ERRORS: a config value out of range, a missing or malformed 
 or the file); `--verbosity=1` shows the traceback instead."""
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+
+from sparse_detr_jax import config as config_lib
 
 HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 # Set to 1: stop after parsing the flags and loading the config (how the tests check the documented commands).
@@ -25,6 +28,11 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
   if asked:
     app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True)
     sys.exit(0)
+  for k, a in enumerate(argv[1:], 1):  # config files load from any working directory
+    if a.startswith("--config="):
+      config_lib.make_importable(a.split("=", 1)[1])
+    elif a == "--config" and k + 1 < len(argv):
+      config_lib.make_importable(argv[k + 1])
   try:
     remaining = flags.FLAGS(argv)
     for name in flags.FLAGS:  # config files load when first read: read them now
@@ -54,10 +62,16 @@ def _input_errors_in_one_line(main: Callable[[list[str]], None], prog: str) -> C
 def _message(error: Exception, argv: Sequence[str]) -> str:
   text = str(error).strip()
   if isinstance(error, (AttributeError, KeyError)):  # a --config.x.y override naming no field
-    name = text.strip("\"'")
+    # ml_collections raises AttributeError(KeyError("'name'\nDid you mean \"other\" instead of \"name\"?")).
+    inner = error.args[0] if error.args and isinstance(error.args[0], BaseException | str) else text
+    while isinstance(inner, BaseException):
+      inner = inner.args[0] if inner.args else ""
+    lines = str(inner).strip().strip("\"'").splitlines() or [""]
+    name = lines[0].strip().strip("\"'")
+    hint = re.search(r'Did you mean "([^"]+)"', str(inner))
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
     if bad:
-      return f"{bad[0]}: the config has no field {name!r}"
+      return f"{bad[0]}: the config has no field {name!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
   return text.splitlines()[-1].strip() if text else type(error).__name__
 
 

@@ -166,13 +166,19 @@ def from_json(d: dict[str, Any]) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_tuples(d))
 
 
+def make_importable(path: str) -> None:
+  """Config files import their siblings as `configs.common`: put the folder holding `configs/` on sys.path, so
+  that a config file loads from any working directory."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.append(root)
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file such as configs/r50_sparse_detr_rho_0.1.py."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such config file")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # config files import `configs.common`
-  if root not in sys.path:
-    sys.path.append(root)
+  make_importable(path)
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3].replace(".", "_"), path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

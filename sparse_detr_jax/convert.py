@@ -1,6 +1,10 @@
-"""Official Sparse DETR / Deformable DETR checkpoints (.pth) -> Flax variables, and back to disk with Orbax.
+"""Official Sparse DETR checkpoints (.pth) -> Flax variables, and back to disk with Orbax.
 
     python -m sparse_detr_jax.convert CKPT.pth OUT_DIR [--num_classes K]
+
+writes OUT_DIR/variables (Orbax), OUT_DIR/config.json (the model) and OUT_DIR/labels.json (COCO's category names
+for the official 91 class logits; none with --num_classes, whose new class heads have no names yet).
+Checkpoints of the original Deformable DETR code lack the Sparse DETR fields of `args` and are refused.
 
     from sparse_detr_jax import convert
     model, variables, config = convert.load_official("sparse_detr_r50_10.pth")
@@ -15,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +30,7 @@ from flax import traverse_util
 
 from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import pth
+from sparse_detr_jax.data import categories
 from sparse_detr_jax.model import (
   SparseDETR,
   build_model,
@@ -338,8 +342,9 @@ def load_official(
   return model, variables, c
 
 
-def save(out_dir: str, variables: dict[str, Any], c: ml_collections.ConfigDict) -> None:
-  """Write variables as an Orbax checkpoint (OUT_DIR/variables) and the model config (OUT_DIR/config.json)."""
+def save(out_dir: str, variables: dict[str, Any], c: ml_collections.ConfigDict, names: dict[int, str] | None) -> None:
+  """Write variables as an Orbax checkpoint (OUT_DIR/variables), the model config (OUT_DIR/config.json) and the
+  label map (OUT_DIR/labels.json; none where the names are unknown)."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   out_dir = os.path.abspath(out_dir)
@@ -348,42 +353,32 @@ def save(out_dir: str, variables: dict[str, Any], c: ml_collections.ConfigDict) 
     ckptr.save(os.path.join(out_dir, "variables"), variables, force=True)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(c.to_dict(), f, indent=2, sort_keys=True)
+  if names is not None:
+    categories.write(out_dir, names)
+
+
+def read_config(out_dir: str) -> ml_collections.ConfigDict:
+  """The model config `save` wrote (OUT_DIR/config.json)."""
+  cfg_path = os.path.join(os.path.abspath(out_dir), CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"{cfg_path}: not found; expected a directory written by sparse_detr_jax.convert")
+  with open(cfg_path) as f:
+    return config_lib.model_config(**config_lib.from_json(json.load(f)))
+
+
+def restore_converted(out_dir: str, model: SparseDETR) -> dict[str, Any]:
+  """The variables `save` wrote, restored for `model`."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.join(os.path.abspath(out_dir), "variables"), variable_shapes(model))
 
 
 def load_converted(out_dir: str) -> tuple[SparseDETR, dict[str, Any], ml_collections.ConfigDict]:
   """Read what `save` wrote: (model, variables, config)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  out_dir = os.path.abspath(out_dir)
-  cfg_path = os.path.join(out_dir, CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f"{cfg_path}: not found; expected a directory written by sparse_detr_jax.convert")
-  with open(cfg_path) as f:
-    saved = json.load(f)
-  if "swin" in saved:  # JSON turned the tuples into lists
-    saved["swin"] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["swin"].items()}
-  c = config_lib.model_config(**saved)
+  c = read_config(out_dir)
   model = build_model(c)
-  template = variable_shapes(model)
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(os.path.join(out_dir, "variables"), template)
-  return model, variables, c
-
-
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("checkpoint", help="official .pth checkpoint")
-  p.add_argument("out_dir", help="output directory (Orbax checkpoint + config.json)")
-  p.add_argument("--num_classes", type=int, default=None, help="re-initialise the class heads for this many classes")
-  a = p.parse_args(argv)
-  _, variables, c = load_official(a.checkpoint, a.num_classes)
-  save(a.out_dir, variables, c)
-  n = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-  print(f"wrote {a.out_dir}: {n / 1e6:.2f}M parameters, backbone {c.backbone}, rho {c.rho}")
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])
+  return model, restore_converted(out_dir, model), c
 
 
 def load_torchvision_resnet50(path: str, variables: dict[str, Any]) -> dict[str, Any]:
@@ -417,3 +412,30 @@ def load_torchvision_resnet50(path: str, variables: dict[str, Any]) -> dict[str,
       f"{unknown[:10]}, missing {missing[:10]}"
     )
   return traverse_util.unflatten_dict(flat)
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  from sparse_detr_jax import cli  # pylint: disable=import-outside-toplevel
+
+  if len(argv) != 3:
+    cli.usage_error("give the official checkpoint and the output directory: CKPT.pth OUT_DIR")
+  num_classes = flags.FLAGS.num_classes
+  if num_classes is not None and num_classes < 1:
+    cli.usage_error(f"--num_classes: expected a positive number of class logits, got {num_classes}")
+  _, variables, c = load_official(argv[1], num_classes)
+  names = categories.for_official(c.num_classes) if num_classes is None else None
+  save(argv[2], variables, c, names)
+  n = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+  named = "COCO's category names" if names else f"{c.num_classes} class logits without names (new class heads)"
+  print(f"wrote {argv[2]}: {n / 1e6:.2f}M parameters, backbone {c.backbone}, rho {c.rho}, {named}")
+
+
+if __name__ == "__main__":
+  from absl import flags as absl_flags
+
+  from sparse_detr_jax import cli as cli_lib
+
+  absl_flags.DEFINE_integer("num_classes", None, "re-initialise the class heads for this many class logits")
+  cli_lib.run(main)

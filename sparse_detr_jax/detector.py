@@ -50,19 +50,27 @@ def inference_function(model) -> InferFn:
 
 def as_image(image: Any, name: str) -> np.ndarray:
   """An image file's path, a PIL image or an (H, W, 3) uint8 RGB array -> the array, upright (files and PIL images
-  turned by their EXIF orientation, as the command line reads photos); a clear error naming `name` otherwise."""
+  turned by their EXIF orientation, as the command line reads photos; any PIL mode converted as training reads
+  images: sources.to_rgb); a clear error naming `name` otherwise."""
   if isinstance(image, str | os.PathLike):
     path = os.fspath(image)
+    if "://" in path:
+      raise ValueError(f"{name}: {path} is a URL; this library reads local files only: download it first")
+    if os.path.isdir(path):
+      raise IsADirectoryError(f"{name}: {path} is a folder; give its image files (the predict command takes folders)")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{name}: no such image file {path}")
     try:
       with Image.open(path) as img:
         img.load()
-        image = ImageOps.exif_transpose(img).convert("RGB")
+        return as_image(ImageOps.exif_transpose(img), name)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise ValueError(f"{name}: cannot read {path} as an image ({type(e).__name__}: {e})") from None
   if isinstance(image, Image.Image):
-    image = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    try:
+      image = sources.to_rgb(ImageOps.exif_transpose(image))
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from None
   if not isinstance(image, np.ndarray):
     raise TypeError(f"{name}: expected a numpy array (H, W, 3) uint8 RGB or a PIL image, got {type(image).__name__}")
   if image.ndim != 3 or image.shape[2] != 3:
@@ -74,6 +82,12 @@ def as_image(image: Any, name: str) -> np.ndarray:
   return np.ascontiguousarray(image)
 
 
+def _label_map(labels: "str | os.PathLike | dict[int, str] | None") -> dict[int, str] | None:
+  if labels is None or isinstance(labels, dict):
+    return None if labels is None else {int(k): str(v) for k, v in labels.items()}
+  return categories.read_file(labels)
+
+
 class Detector:
   """Sparse DETR ready to run on images: see the module docstring. Build it with `from_checkpoint` or
   `from_export`; `export` writes what `from_export` reads."""
@@ -83,19 +97,22 @@ class Detector:
     functions: Callable[[tuple[int, int]], InferFn],
     variables: dict,
     data_config: ml_collections.ConfigDict,
-    names: dict[int, str],
+    names: dict[int, str] | None,
     batch_size: int = 1,
     model=None,
   ):
     """functions(canvas) -> the inference function (`inference_function`) to compile for that canvas;
-    data_config: the transform (val_size, max_size) and canvases (buckets); names: {category id: name};
+    data_config: the transform (val_size, max_size) and canvases (buckets); names: the model's label map
+    {category id: name} (detections are of these ids only), None where it is unknown (every id, 'class N');
     batch_size: images per compiled call (more: throughput on an accelerator; padding slots cost compute);
     model: the Flax model when in-process (None for an export)."""
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
     self.data_config = data_config
     self.canvases = pipeline.data_spec(data_config).buckets  # checks the config
-    self.names, self.batch_size, self.model = dict(names), int(batch_size), model
+    self.names = None if names is None else dict(names)
+    self.batch_size, self.model = int(batch_size), model
+    self._ids = None if names is None else np.array(sorted(self.names), np.int64)
     self._functions = functions
     self._variables = jax.device_put(variables, jax.local_devices()[0])
     self._compiled: dict[tuple[int, int], Any] = {}
@@ -103,31 +120,49 @@ class Detector:
 
   @classmethod
   def from_model(
-    cls, model, variables: dict, data_config: ml_collections.ConfigDict | None = None, batch_size: int = 1
+    cls,
+    model,
+    variables: dict,
+    data_config: ml_collections.ConfigDict | None = None,
+    batch_size: int = 1,
+    names: dict[int, str] | None = None,
   ) -> "Detector":
-    """An in-process Detector: a built model (model.build_model), its variables and a data config (default: the
-    official COCO evaluation transform and canvases)."""
+    """An in-process Detector: a built model (model.build_model), its variables, a data config (default: the
+    official COCO evaluation transform and canvases) and its label map (None: unknown, 'class N')."""
     data_config = data_config or config_lib.data_config()
     infer = inference_function(model)
-    return cls(lambda canvas: infer, variables, data_config, categories.names_for(data_config), batch_size, model)
+    return cls(lambda canvas: infer, variables, data_config, names, batch_size, model)
 
   @classmethod
   def from_checkpoint(
-    cls, path: str, config: str | ml_collections.ConfigDict | None = None, batch_size: int = 1
+    cls,
+    path: str,
+    config: str | ml_collections.ConfigDict | None = None,
+    batch_size: int = 1,
+    labels: str | os.PathLike | dict[int, str] | None = None,
   ) -> "Detector":
     """From an official .pth (architecture from its args), a directory written by `sparse_detr_jax.convert`,
     a training workdir (its latest checkpoint) or one of its checkpoint step directories (WORKDIR/checkpoints/N).
 
-    config: a config file or ConfigDict whose `data` block gives the transform, canvases and category names
-    (for training checkpoints also the model); default: the workdir's config for training checkpoints, else
-    the official COCO evaluation transform and canvases.
+    The model and its label map (category names) come from the checkpoint, whatever the working directory.
+    config: a config file or ConfigDict whose `data` block gives the transform and canvases (its model block is
+    not used, but where the checkpoint carries no model: a step directory without its workdir's config.json);
+    default: the workdir's config for training checkpoints, else the official COCO evaluation transform and
+    canvases. labels: a label file (labels.json or a COCO annotation file) or {id: name}, for a checkpoint
+    without a label map (an official checkpoint fine-tuned elsewhere, a workdir of an earlier version).
     """
     # The model code is imported here only: a Detector read `from_export` never loads it.
-    from sparse_detr_jax import trainer  # pylint: disable=import-outside-toplevel
+    from sparse_detr_jax import checkpoints  # pylint: disable=import-outside-toplevel
 
     cfg = config_lib.load_config_file(config) if isinstance(config, str | pathlib.Path) else config
-    model, variables, cfg, _ = trainer.load_for_inference(str(path), cfg)
-    return cls.from_model(model, variables, cfg.data if cfg else None, batch_size)
+    ckpt = checkpoints.find(str(path))
+    model_config = checkpoints.inference_model_config(ckpt, cfg)
+    model, variables = checkpoints.load(ckpt, model_config if model_config is not None or cfg is None else cfg.model)
+    cfg = cfg if cfg is not None else ckpt.run_config
+    names = _label_map(labels) if labels is not None else ckpt.names
+    if names is None:
+      categories.warn_unknown(ckpt.describe())
+    return cls.from_model(model, variables, cfg.data if cfg is not None else None, batch_size, names)
 
   @classmethod
   def from_export(cls, directory: str, batch_size: int | None = None) -> "Detector":
@@ -208,6 +243,8 @@ class Detector:
       for slot in np.flatnonzero(batch["image_id"] >= 0):
         h, w = (int(v) for v in batch["orig_size"][slot])
         keep = out["scores"][slot] >= threshold
+        if self._ids is not None:  # only the model's categories (the official heads have unused ids)
+          keep &= np.isin(out["labels"][slot], self._ids)
         boxes = box_ops.clip_xyxy(out["boxes"][slot][keep], h, w)
         found[int(batch["image_id"][slot]) - 1] = [
           {"box": [float(v) for v in box], "score": float(s), "category_id": int(c), "category": self.name(int(c))}
@@ -216,7 +253,7 @@ class Detector:
     return found[0] if single else found
 
   def name(self, category_id: int) -> str:
-    return self.names.get(category_id, f"class {category_id}")
+    return (self.names or {}).get(category_id, f"class {category_id}")
 
   def draw(self, image: ImageLike, detections: list[Detection]) -> Image.Image:
     """The image with `detections` (this Detector's output for it) drawn: boxes, category names, scores."""
@@ -229,7 +266,7 @@ class Detector:
     boxes = np.array([d["box"] for d in detections], np.float32).reshape(-1, 4)
     labels = np.array([d["category_id"] for d in detections], np.int64)
     scores = np.array([d["score"] for d in detections], np.float32)
-    return visualize.draw_detections(array, boxes, labels, scores, self.names)
+    return visualize.draw_detections(array, boxes, labels, scores, self.names or {})
 
   def mechanism(self, image: ImageLike, max_side: int = visualize.MAX_PICTURE_SIDE) -> Image.Image:
     """Sparse DETR's mechanism on one image (visualize.mechanism_picture): per feature level, the encoder

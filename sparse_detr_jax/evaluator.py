@@ -2,7 +2,8 @@
 
 `evaluate` runs the model over every image of a source (eval batches, see data.pipeline), turns
 outputs into the top-100 detections in original-image pixels (postprocess.py), gathers them on
-every host, and scores them with COCOeval (bbox) against the source's ground truth.
+every host, and scores them with COCOeval (bbox) against the source's ground truth. COCOeval scores the
+categories of the ground truth only: detections of other ids (the official heads' unused ones) count for nothing.
 """
 
 import contextlib
@@ -125,12 +126,17 @@ def evaluate(
   if pending is not None:
     collect(*pending)
   stats, table = coco_eval(ground_truth(source), results, list(source.image_ids))
-  stats["skipped_images"] = skipped
-  logging.info("%s on %d images (%d unreadable):\n%s", tag, len(source), skipped, table)
+  missing = getattr(source, "skipped_images", 0)  # left out when the annotation file was read (missing files)
+  stats["skipped_images"] = skipped + missing
+  logging.info(
+    "%s on %d images (%d unreadable, %d missing): AP %.4f, AP50 %.4f",
+    tag, len(source), skipped, missing, stats["AP"], stats["AP50"],
+  )  # fmt: skip
+  print(table, end="")
   if workdir and jax.process_index() == 0:
     out = pathlib.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}_results.json").write_text(json.dumps(results))
     write_metrics(out / f"{tag}_metrics.json", stats)
-  print(table, end="")
+    logging.info("wrote %s and %s", out / f"{tag}_metrics.json", out / f"{tag}_results.json")
   return stats

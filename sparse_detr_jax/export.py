@@ -9,11 +9,12 @@
 
 PATH is what Detector.from_checkpoint takes (official .pth, converted directory, training workdir or
 checkpoint step). DIR holds manifest.json (format, canvases, batch size, platforms, the data config that
-preprocesses the images, category names, the JAX version that wrote it), variables.npz (the weights,
-arguments of every artifact) and canvas_<H>x<W>.jax (Exported.serialize() of `detector.inference_function`
-at that canvas). --batch_size 0 (default) exports a symbolic batch dimension (any batch size runs);
-N > 0 fixes it, which also makes the artifact compute bit for bit what the in-process model computes
-(a symbolic batch compiles to code whose float32 rounding differs from the fixed-batch one at ~1e-7).
+preprocesses the images, the checkpoint's label map: category ids and names, null where unknown; the JAX version
+that wrote it), variables.npz (the weights, arguments of every artifact) and canvas_<H>x<W>.jax
+(Exported.serialize() of `detector.inference_function` at that canvas). --batch_size 0 (default) exports a
+symbolic batch dimension (any batch size runs); N > 0 fixes it, which also makes the artifact compute bit for bit
+what the in-process model computes (a symbolic batch compiles to code whose float32 rounding differs from the
+fixed-batch one at ~1e-7).
 The artifacts run on the platforms they were exported for (default: this machine's).
 """
 
@@ -29,7 +30,7 @@ from jax import export as jax_export
 
 from sparse_detr_jax import cli, logs
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax.data import batching
+from sparse_detr_jax.data import batching, categories
 
 FORMAT = "sparse_detr_jax.export/1"
 MANIFEST = "manifest.json"
@@ -111,7 +112,7 @@ def write(
     "batch_size": batch_size or None,
     "platforms": list(platforms or [jax_export.default_export_platform()]),
     "data": data,
-    "categories": {str(k): v for k, v in detector.names.items()},
+    "categories": None if detector.names is None else {str(k): v for k, v in detector.names.items()},
     "jax_version": jax.__version__,
   }
   (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -146,7 +147,9 @@ def load(directory: str, detector_cls, batch_size: int | None = None):
       loaded[canvas] = jax_export.deserialize(bytearray(blob)).call
     return loaded[canvas]
 
-  names = {int(k): v for k, v in manifest["categories"].items()}
+  names = None if manifest["categories"] is None else {int(k): v for k, v in manifest["categories"].items()}
+  if names is None:
+    categories.warn_unknown(str(root))
   return detector_cls(function, variables, config_lib.from_json(manifest["data"]), names, fixed or batch_size or 1)
 
 

@@ -4,15 +4,18 @@
         [--threshold 0.5] [--batch_size 1] [--out DIR] [--mechanism] IMAGE_OR_FOLDER...
 
 PATH is what Detector.from_checkpoint takes: an official .pth, a converted directory, a training
-checkpoint step (or give the training --workdir). --config gives the transform, canvases and category
-names (default: the workdir's config, else the official COCO evaluation settings). Images are read upright
-by their EXIF orientation. Writes OUT/detections.json (per image: file, width, height and detections
-{box [x0, y0, x1, y1] in pixels clipped to the image, score, category_id, category}, or an error for a
+checkpoint step (or give the training --workdir). The model and its category names come from the checkpoint
+(a training run's labels.json, COCO's for an official model), whatever the working directory; detections are
+of those categories only. --config gives the transform and canvases (default: the workdir's config, else the
+official COCO evaluation settings); --labels names the categories of a checkpoint that carries no names.
+Images are read upright by their EXIF orientation. Writes OUT/detections.json (per image: file, width, height
+and detections {box [x0, y0, x1, y1] in pixels clipped to the image, score, category_id, category}, or an error for a
 file that cannot be decoded), OUT/<name>.png with the detections drawn, and with --mechanism
 OUT/<name>_mechanism.png: Sparse DETR's kept encoder tokens and decoder attention map per feature level.
 """
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -25,9 +28,17 @@ from sparse_detr_jax.detector import Detector
 
 CHUNK = 16  # images decoded and held in memory at a time
 
-config_flags.DEFINE_config_file("config", None, "a config file from configs/ (its data block)", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "a config file whose data block gives the transform and canvases (the model is the checkpoint's)",
+  lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "a training workdir: use its latest checkpoint and config")
 flags.DEFINE_string("checkpoint", None, "official .pth, converted directory or checkpoint step directory")
+flags.DEFINE_string(
+  "labels", None, "category names for a checkpoint without them: a labels.json or a COCO annotation file"
+)
 flags.DEFINE_float("threshold", 0.5, "keep detections scoring at least this")
 flags.DEFINE_integer("batch_size", 1, "images per compiled call")
 flags.DEFINE_string("out", "predictions", "output directory")
@@ -37,13 +48,16 @@ FLAGS = flags.FLAGS
 
 
 def picture_names(paths: list[str]) -> list[str]:
-  """A distinct picture name per path (its stem; _1, _2 ... when two folders hold the same file name)."""
+  """A distinct picture name per path (its stem; _1, _2 ... when two folders hold the same file name: each
+  detections.json entry names its picture)."""
   used: set[str] = set()
   names = []
   for p in paths:
     name = stem = pathlib.Path(p).stem
+    k = 0
     while name in used:
-      name = f"{stem}_{len(used)}"
+      k += 1
+      name = f"{stem}_{k}"
     used.add(name)
     names.append(name)
   return names
@@ -115,11 +129,17 @@ def main(argv: list[str]) -> None:
   paths = expand(argv[1:])  # a missing file or an empty folder: one line, exit 2 (cli.run)
   logs.quiet_library_logs()
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
-  detector = Detector.from_checkpoint(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, FLAGS.batch_size)
+  detector = Detector.from_checkpoint(FLAGS.checkpoint or FLAGS.workdir, FLAGS.config, FLAGS.batch_size, FLAGS.labels)
   results = predict(detector, paths, FLAGS.out, FLAGS.threshold, FLAGS.mechanism)
   for r in results:
     logging.info("%s: %s", r["file"], r.get("error") or f"{len(r['detections'])} detections")
-  print(f"wrote {FLAGS.out}/detections.json and {sum('error' not in r for r in results)} pictures")
+  pictures = sum(("picture" in r) + ("mechanism_picture" in r) for r in results)
+  failed = sum("error" in r for r in results)
+  print(
+    f"wrote {os.path.join(FLAGS.out, 'detections.json')} ({len(results)} image{'s' if len(results) != 1 else ''}"
+    + (f", {failed} unreadable" if failed else "")
+    + f") and {pictures} picture{'s' if pictures != 1 else ''}"
+  )
 
 
 if __name__ == "__main__":

@@ -449,7 +449,7 @@ def format_row(r: dict[str, Any]) -> str:
   return (
     f"{r['function']:<8}{r['canvas']:>10}{r['per_chip_batch']:>6}{r['compile_s']:>9.1f}{'c' if r['cached'] else ' '}"
     f"{r['argument_gib']:>8.2f}{r['temp_gib']:>8.2f}{r['output_gib']:>8.2f}"
-    f"{r['hbm_gib']:>8.2f}/{r['capacity_gib']:<6g}{int(r['fits']):>5}{flops:>9}{r['host_callbacks']:>5}"
+    f"{r['hbm_gib']:>8.2f}/{r['capacity_gib']:<6g}{'yes' if r['fits'] else 'no':>5}{flops:>9}{r['host_callbacks']:>5}"
     f"{r['all_reduces']:>5}{r['all_reduce_bytes'] / 2**20:>9.1f}{est:>10}{rate:>9}{mfu:>7}"
   )
 
@@ -471,6 +471,13 @@ HEADER = (
   f"{'function':<8}{'canvas':>10}{'batch':>6}{'compile_s':>10}{'args':>8}{'temps':>8}{'outs':>8}"
   f"{'HBM GiB/chip':>15}{'fits':>5}{'TFLOP':>9}{'cb':>5}{'ar':>5}{'ar MiB':>9}{'est_s':>10}{'img/s':>9}{'MFU':>7}"
 )
+LEGEND = (
+  "batch: images per chip; compile_s: seconds (c: from preflight's cache); args, temps, outs, HBM: GiB per chip "
+  "(arguments, temporaries, outputs not aliased to arguments; their sum of the chip's); TFLOP: per chip and step "
+  "(XLA's count, a loop body once); cb: host callbacks in the program (0 on TPU); ar: all-reduces per step, ar MiB: "
+  "their bytes; est_s: estimated step seconds, img/s: estimated images per second per chip, MFU: estimated model "
+  "FLOPs utilisation"
+)
 
 
 def run(
@@ -487,7 +494,8 @@ def run(
   builder = Builder(cfg, devices_, topology.chip.platform, cache_dir, topology.chip.clock_ghz)
   log(
     f"{topology.name}: {topology.chips} x {topology.kind} ({topology.hbm_gib:g} GiB each), mesh 'data' over "
-    f"every chip; {cfg.model.backbone}, rho {cfg.model.rho}, {cfg.model.dtype}, matcher {builder.cfg.loss.matcher}"
+    f"every chip, global batch {per_chip_batch * topology.chips} ({per_chip_batch} per chip); backbone "
+    f"{cfg.model.backbone}, rho {cfg.model.rho}, {cfg.model.dtype}, matcher {builder.cfg.loss.matcher}"
   )
   if builder.note:
     log(builder.note)
@@ -504,6 +512,7 @@ def run(
       if not row["fits"]:
         row["largest_fitting_batch"] = largest_batch(builder, function, canvas, topology.hbm_gib, p, log)
         short.append(row)
+  log(LEGEND)
   for row in parts:
     for line in format_parts(row):
       log(line)
@@ -521,7 +530,9 @@ def summary_line(report: dict) -> str:
   return (
     f"topology={report['topology']} chips={report['chips']} canvas={r['canvas']} per_chip_batch={r['per_chip_batch']} "
     f"hbm_gib={r['hbm_gib']:.2f}/{r['capacity_gib']:g} fits={int(r['fits'])} compile_s={r['compile_s']:.1f} "
-    f"est_step_s={fmt(r['est_step_s'])} est_images_per_s={fmt(r['est_images_per_s'])} "
+    f"global_batch={r['per_chip_batch'] * report['chips']} est_step_s={fmt(r['est_step_s'])} "
+    f"est_images_per_s_per_chip={fmt(r['est_images_per_s_per_chip'])} est_images_per_s_all_chips="
+    f"{fmt(r['est_images_per_s'])} "
     f"host_callbacks={r['host_callbacks']}"
   )
 
@@ -587,7 +598,12 @@ def define_flags() -> None:
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file("config", None, "a config file from configs/", lock_config=True)
-  flags.DEFINE_string("topology", None, "v4-8 .. v4-4096, v5e-4 .. v5e-256, v5p-8 .., v6e-4 .. v6e-256, h100-8, ...")
+  flags.DEFINE_string(
+    "topology",
+    None,
+    "a TPU slice (v4-8 .. v4-4096, v5e-4 .. v5e-256, v5p-8 .., v6e-4 .. v6e-256) or a GPU machine (a100-N, "
+    "h100-N, h200-N)",
+  )
   flags.DEFINE_integer("per_chip_batch", 0, "images per chip (default: the config's train.batch_size)")
   flags.DEFINE_string("canvases", "largest", "'largest', 'all' (every data.buckets canvas) or HxW[,HxW...]")
   flags.DEFINE_string("dtype", "", "model.dtype to compile with (default: the config's)")

@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sparse_detr_jax import convert, evaluator, loop, losses, metrics_writer, optim, visualize
+from sparse_detr_jax import checkpoints, convert, evaluator, loop, losses, metrics_writer, optim, visualize
 from sparse_detr_jax import model as model_lib
 from sparse_detr_jax import workdir as workdir_lib
 from sparse_detr_jax.data import pipeline, sources
@@ -55,23 +56,42 @@ def data_mesh() -> Mesh:
 
 
 def initial_variables(cfg: ml_collections.ConfigDict, model, rng: jax.Array) -> dict:
-  """Official init, then weights from `train.init_checkpoint` (an official .pth) if set."""
+  """Official init, then the weights of `train.init_checkpoint` (any checkpoint `checkpoints.find` reads: official
+  .pth, converted directory, training workdir or step) where set: every variable but the class heads when
+  `model.num_classes` differs from the checkpoint's (those keep the official init), after checkpoints.check_model.
+  Logs what was loaded and what was initialised."""
   t = cfg.train
-  if t.init_checkpoint:
-    _, variables, mc = convert.load_official(t.init_checkpoint, num_classes=cfg.model.num_classes, seed=t.seed)
-    if mc.backbone != cfg.model.backbone:
-      raise ValueError(
-        f"train.init_checkpoint {t.init_checkpoint} has backbone {mc.backbone}, config has {cfg.model.backbone}"
-      )
-    return variables
   if t.backbone_checkpoint and cfg.model.backbone != "resnet50":
     raise ValueError(
       f"train.backbone_checkpoint: torchvision's ResNet-50 weights start a resnet50 model; this config's backbone "
       f"is {cfg.model.backbone}: start from an official Sparse DETR checkpoint with train.init_checkpoint instead"
     )
+  if t.init_checkpoint:
+    ckpt = checkpoints.find(t.init_checkpoint)
+    what = f"train.init_checkpoint {t.init_checkpoint}"
+    ignored = checkpoints.check_model(ckpt, cfg.model, what, allow_num_classes=True)
+    if ignored:
+      logging.info("%s: differs from the config where no weight changes: %s", what, "; ".join(ignored))
+    _, loaded = checkpoints.load(ckpt, what=what)
   variables = model_lib.init_variables(model, rng)
-  if t.backbone_checkpoint:
+  if t.init_checkpoint:
+    flat, new = traverse_util.flatten_dict(variables), traverse_util.flatten_dict(loaded)
+    fresh = [k for k in flat if k not in new or new[k].shape != flat[k].shape]  # the class heads, if re-headed
+    variables = traverse_util.unflatten_dict({**new, **{k: flat[k] for k in fresh}})
+    logging.info(
+      "%s: loaded %d of %d variable arrays; initialised %d%s",
+      what,
+      len(flat) - len(fresh),
+      len(flat),
+      len(fresh),
+      f" (the class heads, for model.num_classes = {cfg.model.num_classes}; the checkpoint has "
+      f"{ckpt.model_config.num_classes if ckpt.model_config else '?'})"
+      if fresh
+      else "",
+    )
+  elif t.backbone_checkpoint:
     variables = convert.load_torchvision_resnet50(t.backbone_checkpoint, variables)
+    logging.info("train.backbone_checkpoint %s: the ResNet-50 weights loaded", t.backbone_checkpoint)
   return variables
 
 
@@ -147,60 +167,6 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   )
 
 
-def restore_variables(path: str) -> dict:
-  """{'params', ...constants} of a checkpoint step directory written by `train`, on this host's first
-  device whatever topology saved it (e.g. a multi-host run evaluated on one machine)."""
-  step = int(pathlib.Path(path).name)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with contextlib.closing(
-    ocp.CheckpointManager(
-      pathlib.Path(path).absolute().parent,
-      item_names=("state", "data"),
-      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
-    )
-  ) as ckpt:
-    target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), ckpt.item_metadata(step)["state"]
-    )
-    state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  return {"params": state["params"], **state["constants"]}
-
-
-def load_for_inference(
-  path: str, cfg: ml_collections.ConfigDict | None = None
-) -> tuple[Any, dict, ml_collections.ConfigDict | None, str]:
-  """(model, variables, config, directory) of any checkpoint this project reads, for inference.
-
-  path: an official .pth (architecture from its args), a directory written by `convert.save`, a training
-  workdir (its latest complete checkpoint) or one of its step directories WORKDIR/checkpoints/N, whose model
-  comes from `cfg` or else the workdir's config.json. Returns `cfg`, or for a training checkpoint without one
-  the workdir's config; directory: the training workdir, else the directory holding the weights.
-  """
-  p = pathlib.Path(path).absolute()
-  if p.suffix == ".pth" or p.is_file():  # pth.load names what any other file holds
-    model, variables, _ = convert.load_official(str(p))
-    return model, variables, cfg, str(p.parent)
-  if (p / "variables").is_dir() and (p / convert.CONFIG_FILE).is_file():
-    model, variables, _ = convert.load_converted(str(p))
-    return model, variables, cfg, str(p)
-  if (p / "checkpoints").is_dir():
-    workdir = p
-    with contextlib.closing(checkpoint_manager(str(p), keep=1)) as mngr:
-      if mngr.latest_step() is None:
-        raise FileNotFoundError(f"{mngr.directory}: no complete checkpoint step directory")
-      p = pathlib.Path(mngr.directory) / str(mngr.latest_step())
-  elif p.parent.name == "checkpoints" and p.name.isdigit():
-    workdir = p.parent.parent
-  else:
-    raise FileNotFoundError(
-      f"{path}: {'no such file or directory' if not p.exists() else 'no checkpoint in this directory'}: "
-      "expected an official .pth, a directory written by sparse_detr_jax.convert, a training workdir "
-      "or a checkpoint step directory WORKDIR/checkpoints/N"
-    )
-  cfg = cfg or workdir_lib.load_config(str(workdir))
-  return model_lib.build_model(cfg.model), restore_variables(str(p)), cfg, str(workdir)
-
-
 def write_pictures(
   writer: metrics_writer.MetricsWriter,
   step: int,
@@ -208,11 +174,13 @@ def write_pictures(
   state: TrainState,
   val_source,
   data_config: ml_collections.ConfigDict,
+  names: dict[int, str],
 ) -> None:
-  """TensorBoard pictures of the first val image: detections and the kept tokens / DAM per level."""
+  """TensorBoard pictures of the first val image: detections (named by the run's label map) and the kept tokens /
+  DAM per level."""
   batch = pipeline.eval_dataset(val_source, data_config, 1)[0]
   variables = jax.tree.map(lambda x: x.addressable_data(0), {"params": state.params, **state.constants})
-  for name, picture in visualize.batch_pictures(model, variables, batch, val_source.categories).items():
+  for name, picture in visualize.batch_pictures(model, variables, batch, names).items():
     writer.image(step, f"pictures/{name}", picture)
 
 
@@ -245,21 +213,37 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   a pod, JAX's preemption notice) every host saves at the same next step and `train` returns.
   """
   t = cfg.train
-  workdir_lib.check_and_record(cfg, workdir)
+  # The data paths as absolute ones: evaluate.py --workdir and predict then work from any directory.
+  for field in ("coco_dir", "tfds_data_dir"):
+    if cfg.data.get(field):
+      cfg.data[field] = os.path.abspath(os.path.expanduser(cfg.data[field]))
+  # Everything that can be checked is checked before the workdir is claimed (config.json, labels.json written).
+  workdir_lib.check(cfg, workdir)
   mesh = data_mesh()
   model = model_lib.build_model(cfg.model)
   train_source = sources.build_source(cfg.data, "train")
   sources.check_classes(train_source, cfg.model.num_classes)
+  names = train_source.categories
+  workdir_lib.check_labels(names, workdir, train_source.where)
   sch = schedule(cfg, train_source)
+  val_source = (
+    sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end or t.picture_every_steps) else None
+  )
+  if val_source is not None and val_source.categories != names:
+    logging.warning(
+      "%s and %s list different categories; the model predicts the training set's (%s), evaluation scores the "
+      "validation set's",
+      train_source.where,
+      val_source.where,
+      ", ".join(f"{k}: {v}" for k, v in sorted(names.items())[:8]),
+    )
   variables = initial_variables(cfg, model, jax.random.PRNGKey(t.seed))
+  workdir_lib.record(cfg, workdir, names)
   state, tx, schedules = new_state(
     cfg, variables, sch.global_batch, sch.steps_per_epoch, jax.random.PRNGKey(t.seed + 1)
   )
   ds = pipeline.train_dataset(
     train_source, cfg.data, sch.global_batch, t.seed, sch.total_steps, jax.process_index(), jax.process_count()
-  )
-  val_source = (
-    sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end or t.picture_every_steps) else None
   )
   with contextlib.ExitStack() as stack:  # closes worker processes, the checkpoint writer and the event files
     it = stack.enter_context(contextlib.closing(pipeline.iterate(ds, cfg.data.num_workers, cfg.data.prefetch)))
@@ -280,7 +264,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
     writer.text(start, "config", cfg.to_json_best_effort(indent=1))
     batches = loop.DevicePrefetch(it, mesh, BATCH_KEYS, size=2)
     step_fn = loop.StepExecutables(make_train_step(model, cfg, tx, mesh, schedules))
-    skipped, dropped, window_step, window_start = 0, 0, start, time.time()
+    # skipped_images: images left out when the dataset was read (missing files) and samples that could not be
+    # decoded (replaced by empty images, each time they come up); skipped_annotations: see sources.CocoSource.
+    skipped, dropped, window_step, window_start = train_source.skipped_images, 0, start, time.time()
     for step in range(start + 1, sch.total_steps + 1):
       batch, host, data_state = next(batches)
       if step == start + 1 and _precompile(t.precompile):
@@ -322,6 +308,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         metrics.update(
           images_per_second=rate,
           skipped_images=skipped,
+          skipped_annotations=train_source.skipped_annotations,
           dropped_boxes=dropped,
           epoch=step / sch.steps_per_epoch,
           nonfinite_steps=nonfinite_steps,
@@ -359,7 +346,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         )
         break
       if picture and jax.process_index() == 0:
-        write_pictures(writer, step, model, state, val_source, cfg.data)
+        write_pictures(writer, step, model, state, val_source, cfg.data, names)
       if evaluate:
         stats = evaluator.evaluate(
           model,
@@ -373,7 +360,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
         )
         writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
   if skipped:
-    logging.warning("%d training samples could not be read and were replaced by empty images", skipped)
+    logging.warning(
+      "%d training images were left out (missing files) or replaced by empty images (could not be decoded)", skipped
+    )
   if dropped:
     logging.warning("%d boxes over data.max_boxes = %d were dropped from training images", dropped, cfg.data.max_boxes)
   if int(state.step) >= sch.total_steps:

@@ -13,7 +13,14 @@ def _run(*args):
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-PROGRAMS = ["train.py", "evaluate.py", "sparse_detr_jax.predict", "sparse_detr_jax.export", "sparse_detr_jax.preflight"]
+PROGRAMS = [
+  "train.py",
+  "evaluate.py",
+  "sparse_detr_jax.predict",
+  "sparse_detr_jax.export",
+  "sparse_detr_jax.preflight",
+  "sparse_detr_jax.convert",
+]
 
 
 @pytest.mark.parametrize("program", PROGRAMS)
@@ -28,6 +35,10 @@ def test_help_exits_0_and_its_usage_reads_as_one_command(program):
   "args, message",
   [
     (["--workdir=/nonexistent/w", "--config.model.nope=3"], "train.py: --config.model.nope: the config has no field"),
+    (
+      ["--workdir=/nonexistent/w", "--config.train.max_step=3"],
+      "train.py: --config.train.max_step: the config has no field 'max_step' (did you mean 'max_steps'?)",
+    ),
     (["--workdir=/nonexistent/w", "--config.model.rho=abc"], "could not convert string to float: 'abc'"),
     ([], "--workdir"),
     (["--workdir=/nonexistent/w", "--config.model.rho=1.5"], "train.py: model.rho: expected 0 <= rho < 1, got 1.5"),

@@ -1,14 +1,19 @@
 """Official checkpoint conversion: every manifest key maps, safe loading, re-heading, Orbax round trip."""
 
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import official
+from PIL import Image
 
 from sparse_detr_jax import convert
+from sparse_detr_jax.data import categories
 from sparse_detr_jax.swin import relative_position_index
 
 MANIFESTS = [
@@ -98,14 +103,40 @@ def test_reinitialised_class_heads_for_another_dataset():
   assert out["pred_logits"].shape == (1, cfg.num_queries, 5)
 
 
+def convert_cli(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
+  return subprocess.run(
+    [sys.executable, "-m", "sparse_detr_jax.convert", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+  )
+
+
 @pytest.mark.parametrize("name", ["tiny_deformable", "swin_sparse"])
 def test_cli_writes_an_orbax_checkpoint_that_loads_back(tmp_path, name):
+  """Run from another directory, as a user runs it: the weights, the config and COCO's label map."""
   path = str(official(name + ".pth"))
-  convert.main([path, str(tmp_path / "out")])
+  run = convert_cli(path, "out", cwd=tmp_path)
+  assert run.returncode == 0 and "COCO's category names" in run.stdout, run.stderr[-3000:]
   model, v, cfg = convert.load_converted(str(tmp_path / "out"))
   _, ref, ref_cfg = convert.load_official(path)
   assert cfg.to_dict() == ref_cfg.to_dict()
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), v, ref)
+  assert categories.read(tmp_path / "out") == categories.COCO_CATEGORIES
+
+
+def test_cli_errors_are_one_line_and_new_class_heads_have_no_names(tmp_path):
+  Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+  for args, message in [
+    (["nope.pth", "out"], "convert.py: nope.pth: no such checkpoint file"),
+    (["photo.png", "out"], "convert.py: photo.png"),
+    (["only_one.pth"], "convert.py: give the official checkpoint and the output directory"),
+    ([str(official("tiny_sparse.pth")), "out", "--num_classes=0"], "--num_classes: expected a positive number"),
+  ]:
+    run = convert_cli(*args, cwd=tmp_path)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and message in lines[-1] and "Traceback" not in run.stderr, run.stderr[-2000:]
+  run = convert_cli(str(official("tiny_sparse.pth")), "out", "--num_classes=5", cwd=tmp_path)
+  assert run.returncode == 0 and "5 class logits without names" in run.stdout, run.stderr[-3000:]
+  assert categories.read(tmp_path / "out") is None
+  assert "lack the Sparse DETR fields of `args` and are refused" in convert_cli("--help", cwd=tmp_path).stdout
 
 
 def test_swin_width_and_depth_are_read_off_the_checkpoint():

@@ -266,7 +266,9 @@ def test_bad_samples_are_counted_not_fatal(tmp_path, caplog):
   }
   root = write_coco(tmp_path, images, anns, {"wrong_size.jpg": (80, 48)})
   src = sources.CocoSource(root / "train", root / "annotations" / "instances_train.json")
-  assert src.skipped == {"image file missing": 1} and len(src) == 6
+  no_area = "box without area inside its image (dropped, as the official code drops it)"
+  assert src.skipped == {"image file missing": 1, no_area: 3} and len(src) == 6  # zero width, outside, clipped away
+  assert (src.skipped_images, src.skipped_annotations, src.crowd_boxes) == (1, 3, 1)
   by_name = {im["file_name"]: i for i, im in enumerate(src._images)}
   # Zero width, crowd, fully outside (after clipping) removed; partly outside clipped.
   a = src.annotations(by_name["boxes.jpg"])
@@ -335,7 +337,11 @@ def test_category_ids_the_class_heads_cannot_predict_are_refused(tmp_path):
   ann = root / "annotations" / "instances_train.json"
   js = json.loads(ann.read_text())
   js["categories"] = [{"id": 1, "name": "thing"}, {"id": 9, "name": "other"}]
-  js["annotations"][0]["category_id"] = 12  # used by an annotation, absent from the categories
+  js["annotations"][0]["category_id"] = 12  # used by an annotation, absent from the categories: named
+  ann.write_text(json.dumps(js))
+  with pytest.raises(ValueError, match=r"annotations\[0\] \(id 1\) has category_id 12, which is not in 'categories'"):
+    sources.CocoSource(root / "train", ann)
+  js["categories"].append({"id": 12, "name": "third"})
   ann.write_text(json.dumps(js))
   src = sources.CocoSource(root / "train", ann)
   sources.check_classes(src, 13)

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps
 
 from sparse_detr_jax import Detector, box_ops, convert, postprocess
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax.data import batching, transforms
+from sparse_detr_jax.data import batching, categories, sources, transforms
 from sparse_detr_jax.data.sources import Annotations
 
 CANVASES = ((48, 64), (64, 48), (64, 64))
@@ -49,7 +49,8 @@ def detector(named_detector):
 
 def reference(path: str, images: list[np.ndarray], cfg) -> list[dict]:
   """The official way, written out: evaluation transform, padding to the smallest canvas, the jitted model,
-  official post-processing; then the top detections' boxes clipped to each image."""
+  official post-processing; then the top detections of the model's categories (COCO's, for an official checkpoint),
+  their boxes clipped to each image."""
   model, variables, _ = convert.load_official(path)
   spec = cfg.data
   sizes = [transforms.output_hw(transforms.plan_eval(*x.shape[:2], spec), *x.shape[:2]) for x in images]
@@ -64,8 +65,13 @@ def reference(path: str, images: list[np.ndarray], cfg) -> list[dict]:
   out = jax.jit(model.apply)(variables, batch, padding)
   orig = np.array([x.shape[:2] for x in images], np.int32)
   det = jax.tree.map(np.asarray, postprocess.postprocess(out, orig))
+  coco = np.isin(det["labels"], list(categories.COCO_CATEGORIES))  # an official model's label map: COCO's 80 ids
   return [
-    {"scores": det["scores"][i], "labels": det["labels"][i], "boxes": box_ops.clip_xyxy(det["boxes"][i], *orig[i])}
+    {
+      "scores": det["scores"][i][coco[i]],
+      "labels": det["labels"][i][coco[i]],
+      "boxes": box_ops.clip_xyxy(det["boxes"][i][coco[i]], *orig[i]),
+    }
     for i in range(len(images))
   ]
 
@@ -75,7 +81,7 @@ def test_equals_jitted_model_and_official_postprocessing(named_detector):
   images = fixture_images(name)  # (48, 64) and (40, 52): both on the 48x64 canvas
   found = detector(images, threshold=0.0)
   for got, want in zip(found, reference(str(official(name + ".pth")), images, tiny_config()), strict=True):
-    assert len(got) == len(want["scores"]) == postprocess.NUM_DETECTIONS
+    assert len(got) == len(want["scores"]) and 0 < len(got) <= postprocess.NUM_DETECTIONS
     np.testing.assert_array_equal([d["score"] for d in got], want["scores"])
     np.testing.assert_array_equal([d["category_id"] for d in got], want["labels"])
     np.testing.assert_array_equal(np.array([d["box"] for d in got], np.float32), want["boxes"])
@@ -171,6 +177,49 @@ def test_bad_threshold_and_paths(detector, tmp_path):
     Detector.from_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match="batch_size"):
     Detector(lambda c: None, {}, tiny_config().data, {}, batch_size=0)
+
+
+def test_photos_of_any_mode_read_as_training_reads_them_and_folders_and_urls_are_named(detector, tmp_path):
+  """A 16-bit grey PNG is scaled to 8 bits (not clipped to white), transparency is composited over white, as the
+  data pipeline reads them; a folder or a URL is named as such."""
+  rng = np.random.default_rng(2)
+  grey = rng.integers(0, 256, (48, 64), dtype=np.uint16)
+  Image.fromarray(grey * 257).save(tmp_path / "deep.png")
+  with Image.open(tmp_path / "deep.png") as deep:
+    assert deep.mode == "I;16"
+  want = detector(np.repeat(grey.astype(np.uint8)[..., None], 3, -1), threshold=0.0)
+  assert detector(tmp_path / "deep.png", threshold=0.0) == want
+  rgba = rng.integers(0, 256, (48, 64, 4), dtype=np.uint8)
+  Image.fromarray(rgba).save(tmp_path / "clear.png")
+  alpha = rgba[..., 3:].astype(np.float64) / 255
+  over_white = np.round(rgba[..., :3] * alpha + 255 * (1 - alpha))
+  with Image.open(tmp_path / "clear.png") as clear:
+    got = sources.to_rgb(clear)
+  assert np.abs(got.astype(np.int64) - over_white).max() <= 1  # PIL's integer compositing rounds
+  assert detector(tmp_path / "clear.png", threshold=0.0) == detector(got, threshold=0.0)
+  with pytest.raises(IsADirectoryError, match=r"image: .* is a folder; give its image files"):
+    detector(tmp_path)
+  with pytest.raises(ValueError, match="is a URL; this library reads local files only"):
+    detector("https://example.com/photo.jpg")
+
+
+def test_detections_are_of_the_label_maps_categories(tmp_path):
+  """An official checkpoint's names are COCO's, whatever the config; detections are of its 80 categories only.
+  A label file gives the names (and so the categories); a Detector without a label map reports every id as
+  'class N'."""
+  path = str(official("tiny_sparse.pth"))
+  image = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+  coco = Detector.from_checkpoint(path, tiny_config())
+  assert coco.names == categories.COCO_CATEGORIES
+  found = coco(image, threshold=0.0)
+  assert found and all(d["category"] == categories.COCO_CATEGORIES[d["category_id"]] for d in found)
+  (tmp_path / "labels.json").write_text(categories.as_json({1: "cat", 5: "dog"}))
+  mine = Detector.from_checkpoint(path, tiny_config(), labels=tmp_path / "labels.json")
+  assert {d["category"] for d in mine(image, threshold=0.0)} <= {"cat", "dog"}
+  unnamed = Detector(coco._functions, coco.variables, tiny_config().data, None)
+  ids = {d["category_id"] for d in unnamed(image, threshold=0.0)}
+  assert ids - set(categories.COCO_CATEGORIES)  # the unused ids too, named by number
+  assert all(d["category"] == f"class {d['category_id']}" for d in unnamed(image, threshold=0.0))
 
 
 SECOND_PROCESS = """

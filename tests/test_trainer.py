@@ -22,8 +22,8 @@ import pytest
 from conftest import ROOT, load_npz, official
 from flax import traverse_util
 
+from sparse_detr_jax import checkpoints, convert, evaluator, loop, losses, optim, trainer
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import convert, evaluator, loop, losses, optim, trainer
 from sparse_detr_jax import model as model_lib
 from sparse_detr_jax import workdir as workdir_lib
 from sparse_detr_jax.data import pipeline, shapes, sources
@@ -140,7 +140,7 @@ def train_cmd(
 
 def final_params(workdir, step: int = STEPS) -> list[np.ndarray]:
   path = str(workdir / "checkpoints" / str(step))
-  return [np.asarray(x) for x in jax.tree.leaves(trainer.restore_variables(path)["params"])]
+  return [np.asarray(x) for x in jax.tree.leaves(checkpoints.restore_variables(path)["params"])]
 
 
 def run_until(cmd: list[str], ready, timeout: float = 600) -> None:
@@ -448,7 +448,7 @@ def test_a_workdir_refuses_a_different_run(data_dir, straight_run, caplog):
   cfg.model.dim_feedforward = 64
   cfg.train.log_every = 3
   with caplog.at_level(logging.INFO):
-    workdir_lib.check_and_record(cfg, str(straight_run))
+    workdir_lib.check(cfg, str(straight_run))
   assert any("train.log_every" in r.getMessage() for r in caplog.records)
 
 

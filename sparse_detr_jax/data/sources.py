@@ -32,11 +32,20 @@ class Annotations:
   labels: np.ndarray  # (n,) int32 category ids
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
-  """uint8 (H, W, 3) RGB from any PIL mode: L, P, RGBA (alpha dropped), CMYK, 16/32-bit integer, float."""
-  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over (white, as image viewers show them)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+  """uint8 (H, W, 3) RGB from any PIL mode: 16-bit greys scaled to 8 bits (divided by 257, never clipped), 32-bit
+  integer greys by their range (0..255 as is, 0..65535 as 16-bit; others refused with a ValueError), float greys
+  by theirs ([0, 1] or [0, 255]); transparency (RGBA, LA, PA, or a palette's or grey's transparent colour)
+  composited over white; every other mode (L, P, CMYK, YCbCr, LAB, HSV, 1) converted by PIL."""
+  if img.mode.startswith("I;16") or img.mode == "I":
     a = np.asarray(img).astype(np.float64)  # (H, W)
-    scale = 257.0 if img.mode != "I" or a.max(initial=0) > 255 else 1.0  # 16-bit range -> 8-bit
+    lo, hi = a.min(initial=0), a.max(initial=0)
+    if lo < 0 or hi > 65535:
+      raise ValueError(f"a {img.mode} image with values {lo:g}..{hi:g}: expected 8- or 16-bit intensities")
+    scale = 1.0 if img.mode == "I" and hi <= 255 else 257.0  # 16-bit range -> 8-bit
     a = np.clip(np.round(a / scale), 0, 255).astype(np.uint8)
     return np.repeat(a[..., None], 3, axis=-1)
   if img.mode == "F":
@@ -44,6 +53,9 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     top = 1.0 if a.max(initial=0) <= 1.0 else 255.0
     a = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
     return np.repeat(a[..., None], 3, axis=-1)
+  if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    rgba = img.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB"))
   return np.asarray(img.convert("RGB"))
 
 
@@ -72,7 +84,10 @@ def decode_image(data: Union[bytes, str, os.PathLike], expected_wh: tuple[int, i
       raise SampleError(f"{what}: image is {img.size[0]}x{img.size[1]} (w x h) but the annotation says "
                         f"{expected_wh[0]}x{expected_wh[1]}")
     img = rotated
-  return _to_rgb(img)
+  try:
+    return to_rgb(img)
+  except ValueError as e:
+    raise SampleError(f"{what}: {e}") from e
 
 
 def clean_boxes(xywh: np.ndarray, labels: np.ndarray, crowd: np.ndarray, width: int, height: int
@@ -87,56 +102,134 @@ def clean_boxes(xywh: np.ndarray, labels: np.ndarray, crowd: np.ndarray, width: 
   return Annotations(b[ok], labels[keep][ok].astype(np.int32))
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
+
+
 class CocoSource:
-  """A COCO-format detection directory: an image folder and an `instances_*.json` file."""
+  """A COCO-format detection directory: an image folder and an `instances_*.json` file.
+
+  What the file cannot mean is an error naming the file, the entry and the field: a category without an integer
+  `id` or a `name`, repeated category or image ids, an image without `id`, `file_name`, `width`, `height`, an
+  annotation whose `category_id` is not among the categories. What one entry spoils is skipped, counted by reason
+  in `skipped` and logged with the first few entries: an image whose file is missing (`skipped_images`), an
+  annotation without a 4-number `bbox` or of an image id not in `images`, a box without area once clipped to its
+  image (dropped as the official code drops it) (`skipped_annotations`). Crowd boxes are left out of training as
+  in the official code and counted in `crowd_boxes` (COCOeval uses them).
+  """
+
+  IMAGE_REASONS = ("image file missing",)
 
   def __init__(self, image_dir: str, annotation_file: str):
     self.image_dir = pathlib.Path(image_dir)
     self.annotation_file = pathlib.Path(annotation_file)
+    self.where = str(self.annotation_file)
+    f = self.where
     if not self.annotation_file.is_file():
-      raise FileNotFoundError(f"annotation file {self.annotation_file} does not exist")
+      raise FileNotFoundError(f"annotation file {f} does not exist")
     try:
-      with open(self.annotation_file) as f:
-        data = json.load(f)
+      with open(self.annotation_file) as fh:
+        data = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"annotation file {self.annotation_file} is not valid JSON: {e}") from e
+      raise ValueError(f"annotation file {f} is not valid JSON: {e}") from e
     for key in ("images", "annotations", "categories"):
       if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise ValueError(f"annotation file {self.annotation_file}: expected a list under '{key}' "
-                         f"(COCO instances format)")
+        raise ValueError(f"annotation file {f}: expected a list under '{key}' (COCO instances format)")
     self.skipped: dict[str, int] = {}
-    self.categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-    images = []
+    self._examples: dict[str, list[str]] = {}
+    self.categories = categories.parse(data["categories"], f"annotation file {f}")
+    images, seen = [], {}
     for k, im in enumerate(data["images"]):
-      missing = [f for f in ("id", "file_name", "width", "height") if f not in im]
+      missing = [name for name in ("id", "file_name", "width", "height") if not isinstance(im, dict) or name not in im]
       if missing:
-        raise ValueError(f"annotation file {self.annotation_file}: images[{k}] lacks {missing}")
-      if not (self.image_dir / im["file_name"]).is_file():
-        self._skip("image file missing", f"{self.image_dir / im['file_name']}")
+        raise ValueError(f"annotation file {f}: images[{k}] lacks {missing}")
+      if not _is_int(im["id"]):
+        raise ValueError(f"annotation file {f}: images[{k}] 'id' must be an integer, got {im['id']!r}")
+      for name in ("width", "height"):
+        if not _is_int(im[name]) or im[name] < 1:
+          raise ValueError(f"annotation file {f}: images[{k}] (id {im['id']}) '{name}' must be a positive integer, "
+                           f"got {im[name]!r}")
+      if im["id"] in seen:
+        raise ValueError(f"annotation file {f}: images[{seen[im['id']]}] and images[{k}] have the same id {im['id']}")
+      seen[im["id"]] = k
+      if not (self.image_dir / str(im["file_name"])).is_file():
+        self._skip("image file missing", str(self.image_dir / str(im["file_name"])))
         continue
       images.append(im)
     self._images = sorted(images, key=lambda im: int(im["id"]))  # Canonical order, shared with TfdsSource.
-    self.image_ids = np.array([int(im["id"]) for im in images], np.int64)
-    self.sizes = np.array([(int(im["width"]), int(im["height"])) for im in images], np.int64).reshape(-1, 2)
+    self.image_ids = np.array([int(im["id"]) for im in self._images], np.int64)
+    self.sizes = np.array([(int(im["width"]), int(im["height"])) for im in self._images], np.int64).reshape(-1, 2)
     per_image: dict[int, list] = {int(i): [] for i in self.image_ids}
+    self.crowd_boxes = self.area_from_box = 0
+    ground_truth: list[dict] = []
+    boxes: list[tuple] = []  # non-crowd boxes: (bbox, image width, image height, entry)
     for k, a in enumerate(data["annotations"]):
-      bbox = a.get("bbox")
-      if not (isinstance(bbox, list) and len(bbox) == 4 and "category_id" in a and "image_id" in a):
-        self._skip("malformed annotation", f"annotations[{k}] in {self.annotation_file}")
+      what = f"annotations[{k}]" + (f" (id {a['id']})" if isinstance(a, dict) and "id" in a else "")
+      if not isinstance(a, dict) or not all(name in a for name in ("bbox", "category_id", "image_id")):
+        self._skip("annotation without bbox, category_id or image_id", what)
         continue
-      if int(a["image_id"]) in per_image:
-        per_image[int(a["image_id"])].append((bbox, int(a["category_id"]), int(a.get("iscrowd", 0))))
+      if not _is_int(a["category_id"]) or a["category_id"] not in self.categories:
+        raise ValueError(f"annotation file {f}: {what} has category_id {a['category_id']!r}, which is not in "
+                         f"'categories' (ids {sorted(self.categories)})")
+      bbox = a["bbox"]
+      if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        self._skip("annotation whose bbox is not [x, y, width, height]", f"{what}: bbox {bbox!r}")
+        continue
+      if a["image_id"] not in seen:
+        self._skip("annotation of an image id not in 'images'", f"{what}: image_id {a['image_id']!r}")
+        continue
+      if a["image_id"] not in per_image:  # its image file is missing: counted with the image
+        continue
+      crowd = bool(a.get("iscrowd", 0))
+      self.crowd_boxes += crowd
+      if not crowd:
+        im = data["images"][seen[a["image_id"]]]
+        boxes.append((bbox, im["width"], im["height"], what))
+      per_image[a["image_id"]].append((bbox, int(a["category_id"]), int(crowd)))
+      # COCOeval's ground truth: every well-formed annotation, in file order, numbered anew (pycocotools indexes
+      # them by id), with the box's area where the file gives none (what COCOeval's area ranges read).
+      self.area_from_box += "area" not in a
+      ground_truth.append({**a, "id": len(ground_truth) + 1, "area": a.get("area", bbox[2] * bbox[3])})
+    if boxes:  # the boxes clean_boxes drops (no area once clipped), counted here once
+      xywh = np.array([b[0] for b in boxes], np.float32)  # float32, as clean_boxes computes
+      wh = np.array([b[1:3] for b in boxes], np.float32)
+      x0, y0 = np.clip(xywh[:, 0], 0, wh[:, 0]), np.clip(xywh[:, 1], 0, wh[:, 1])
+      x1, y1 = np.clip(xywh[:, 0] + xywh[:, 2], 0, wh[:, 0]), np.clip(xywh[:, 1] + xywh[:, 3], 0, wh[:, 1])
+      for k in np.flatnonzero(~((x1 > x0) & (y1 > y0))):
+        bbox, w, h, what = boxes[k]
+        self._skip("box without area inside its image (dropped, as the official code drops it)",
+                   f"{what}: bbox {bbox} in a {w}x{h} image")
     self._anns = [per_image[int(i)] for i in self.image_ids]
     self.annotation_category_ids = {c for anns in self._anns for _, c, _ in anns}
-    self._json = data
+    self._json = {"images": data["images"], "annotations": ground_truth, "categories": data["categories"]}
+    if self.area_from_box:
+      logging.info("%s: %d annotations without 'area': COCOeval's small/medium/large use their boxes' areas", f,
+                   self.area_from_box)
+    for reason, count in self.skipped.items():
+      more = f" and {count - len(self._examples[reason])} more" if count > len(self._examples[reason]) else ""
+      logging.warning("%s: %d skipped: %s (%s%s)", f, count, reason, "; ".join(self._examples[reason]), more)
+
+  @property
+  def skipped_images(self) -> int:
+    return sum(n for r, n in self.skipped.items() if r in self.IMAGE_REASONS)
+
+  @property
+  def skipped_annotations(self) -> int:
+    return sum(n for r, n in self.skipped.items() if r not in self.IMAGE_REASONS)
 
   def coco_dataset(self) -> dict:
-    """The annotation json as loaded (COCOeval's ground truth)."""
+    """COCOeval's ground truth: the annotation file's images and categories, its well-formed annotations."""
     return self._json
 
   def _skip(self, reason: str, what: str) -> None:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
-    logging.warning("skipping %s: %s", what, reason)
+    examples = self._examples.setdefault(reason, [])
+    if len(examples) < 3:
+      examples.append(what)
 
   def __len__(self) -> int:
     return len(self._images)
@@ -173,7 +266,9 @@ class TfdsSource:
     except Exception as e:  # TFDS raises many types for a missing / unprepared dataset.
       raise FileNotFoundError(f"TFDS dataset {name!r} split {split!r} not readable in data_dir={data_dir}: "
                               f"{type(e).__name__}: {e}") from e
+    self.where = f"TFDS dataset {name} split {split}"
     self.skipped: dict[str, int] = {}
+    self.skipped_images = self.skipped_annotations = 0  # unreadable records are counted when loaded
     self._ids = np.array(categories.label_ids(list(names)), np.int32)
     self.categories = {int(i): n for i, n in zip(self._ids, names)}
     n = len(self._ds)
