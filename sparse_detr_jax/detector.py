@@ -32,18 +32,19 @@ Detection = dict[str, Any]  # {'box': [x0, y0, x1, y1], 'score', 'category_id', 
 InferFn = Callable[[dict, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
 
 
-def inference_function(model) -> InferFn:
+def inference_function(model, class_ids: Sequence[int] | None = None) -> InferFn:
   """What a Detector compiles and `export` serializes, per canvas (H, W):
   (variables, image (B, H, W, 3) normalised float32, padding_mask (B, H, W) bool, orig_size (B, 2) int32 (h, w))
   -> {scores (B, D), labels (B, D), boxes (B, D, 4) xyxy pixels of orig_size, unclipped (official
-  post-processing, D = 100); kept (B, N) bool, attention (B, N) float32 (visualize.token_maps);
-  spatial_shapes (L, 2) int32}."""
+  post-processing over the classes `class_ids`, the model's label map: all if None; D = 100); kept (B, N) bool,
+  attention (B, N) float32 (visualize.token_maps); spatial_shapes (L, 2) int32}."""
 
   def infer(variables: dict, image: jax.Array, padding_mask: jax.Array, orig_size: jax.Array) -> dict[str, jax.Array]:
     out = model.apply(variables, image, padding_mask)
     kept, attention = visualize.token_maps(out)
     shapes = jnp.asarray(out["spatial_shapes"], jnp.int32)
-    return {**postprocess.postprocess(out, orig_size), "kept": kept, "attention": attention, "spatial_shapes": shapes}
+    detections = postprocess.postprocess(out, orig_size, class_ids=class_ids)
+    return {**detections, "kept": kept, "attention": attention, "spatial_shapes": shapes}
 
   return infer
 
@@ -130,7 +131,7 @@ class Detector:
     """An in-process Detector: a built model (model.build_model), its variables, a data config (default: the
     official COCO evaluation transform and canvases) and its label map (None: unknown, 'class N')."""
     data_config = data_config or config_lib.data_config()
-    infer = inference_function(model)
+    infer = inference_function(model, None if names is None else [i for i in names if i < model.config.num_classes])
     return cls(lambda canvas: infer, variables, data_config, names, batch_size, model)
 
   @classmethod
@@ -243,7 +244,7 @@ class Detector:
       for slot in np.flatnonzero(batch["image_id"] >= 0):
         h, w = (int(v) for v in batch["orig_size"][slot])
         keep = out["scores"][slot] >= threshold
-        if self._ids is not None:  # only the model's categories (the official heads have unused ids)
+        if self._ids is not None:  # only the model's categories (ranked first; the others scored 0)
           keep &= np.isin(out["labels"][slot], self._ids)
         boxes = box_ops.clip_xyxy(out["boxes"][slot][keep], h, w)
         found[int(batch["image_id"][slot]) - 1] = [

@@ -49,8 +49,8 @@ def detector(named_detector):
 
 def reference(path: str, images: list[np.ndarray], cfg) -> list[dict]:
   """The official way, written out: evaluation transform, padding to the smallest canvas, the jitted model,
-  official post-processing; then the top detections of the model's categories (COCO's, for an official checkpoint),
-  their boxes clipped to each image."""
+  official post-processing over the model's categories (COCO's, for an official checkpoint); then the top
+  detections' boxes clipped to each image."""
   model, variables, _ = convert.load_official(path)
   spec = cfg.data
   sizes = [transforms.output_hw(transforms.plan_eval(*x.shape[:2], spec), *x.shape[:2]) for x in images]
@@ -64,8 +64,9 @@ def reference(path: str, images: list[np.ndarray], cfg) -> list[dict]:
     padding[i, :h, :w] = False
   out = jax.jit(model.apply)(variables, batch, padding)
   orig = np.array([x.shape[:2] for x in images], np.int32)
-  det = jax.tree.map(np.asarray, postprocess.postprocess(out, orig))
-  coco = np.isin(det["labels"], list(categories.COCO_CATEGORIES))  # an official model's label map: COCO's 80 ids
+  # An official model's label map is COCO's 80 categories: the top detections over them.
+  det = jax.tree.map(np.asarray, postprocess.postprocess(out, orig, class_ids=list(categories.COCO_CATEGORIES)))
+  coco = np.isin(det["labels"], list(categories.COCO_CATEGORIES))  # all of them: 40 queries x 80 > 100
   return [
     {
       "scores": det["scores"][i][coco[i]],
@@ -81,7 +82,7 @@ def test_equals_jitted_model_and_official_postprocessing(named_detector):
   images = fixture_images(name)  # (48, 64) and (40, 52): both on the 48x64 canvas
   found = detector(images, threshold=0.0)
   for got, want in zip(found, reference(str(official(name + ".pth")), images, tiny_config()), strict=True):
-    assert len(got) == len(want["scores"]) and 0 < len(got) <= postprocess.NUM_DETECTIONS
+    assert len(got) == len(want["scores"]) == postprocess.NUM_DETECTIONS
     np.testing.assert_array_equal([d["score"] for d in got], want["scores"])
     np.testing.assert_array_equal([d["category_id"] for d in got], want["labels"])
     np.testing.assert_array_equal(np.array([d["box"] for d in got], np.float32), want["boxes"])
@@ -215,8 +216,9 @@ def test_detections_are_of_the_label_maps_categories(tmp_path):
   assert found and all(d["category"] == categories.COCO_CATEGORIES[d["category_id"]] for d in found)
   (tmp_path / "labels.json").write_text(categories.as_json({1: "cat", 5: "dog"}))
   mine = Detector.from_checkpoint(path, tiny_config(), labels=tmp_path / "labels.json")
-  assert {d["category"] for d in mine(image, threshold=0.0)} <= {"cat", "dog"}
-  unnamed = Detector(coco._functions, coco.variables, tiny_config().data, None)
+  named = mine(image, threshold=0.0)
+  assert len(named) == 40 * 2 and {d["category"] for d in named} == {"cat", "dog"}  # every query, both classes
+  unnamed = Detector.from_model(coco.model, coco.variables, tiny_config().data)  # no label map
   ids = {d["category_id"] for d in unnamed(image, threshold=0.0)}
   assert ids - set(categories.COCO_CATEGORIES)  # the unused ids too, named by number
   assert all(d["category"] == f"class {d['category_id']}" for d in unnamed(image, threshold=0.0))
