@@ -12,13 +12,19 @@ the last line). COCOeval scores the annotation file's categories: detections of 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sparse_detr_jax import checkpoints, cli, evaluator, hostmem, logs, loop, trainer, xla_flags
+from sparse_detr_jax import checkpoints, cli, compiled, evaluator, hostmem, logs, loop, trainer, xla_flags
 from sparse_detr_jax.data import sources
 
 config_flags.DEFINE_config_file("config", None, "a config file whose data and eval blocks to use", lock_config=True)
 flags.DEFINE_string("workdir", None, "a training workdir: evaluate its latest checkpoint")
 flags.DEFINE_string("checkpoint", None, "checkpoint step directory, official .pth or converted directory")
 flags.DEFINE_string("out", None, "where eval_results.json and eval_metrics.json go (default: see above)")
+flags.DEFINE_string(
+  "compiled_dir",
+  None,
+  "inference functions saved by `preflight --save_compiled DIR` (eval.batch_size per chip): loaded instead of"
+  " compiled where they match this run (a saved program is as trusted as code: loading it unpickles it)",
+)
 flags.DEFINE_string("compilation_cache_dir", loop.DEFAULT_CACHE_DIR, "JAX's persistent compilation cache ('' = off)")
 flags.DEFINE_bool("retain_host_memory", True, "keep freed host memory for reuse (sparse_detr_jax/hostmem.py)")
 FLAGS = flags.FLAGS
@@ -40,9 +46,12 @@ def main(argv):
   model, variables = checkpoints.load(ckpt, checkpoints.inference_model_config(ckpt, FLAGS.config) or cfg.model)
   logging.info("evaluating %s", ckpt.describe())
   out = FLAGS.out or FLAGS.workdir or str(ckpt.directory)
-  evaluator.evaluate(
-    model, variables, sources.build_source(cfg.data, "val"), cfg.data, cfg.eval.batch_size, trainer.data_mesh(), out
-  )
+  mesh, load = trainer.data_mesh(), None
+  if FLAGS.compiled_dir:
+    loader = compiled.Loader(FLAGS.compiled_dir, compiled.expected(cfg, mesh, cfg.eval.batch_size, None), mesh)
+    load = lambda canvas: loader.load("predict", canvas)
+  source = sources.build_source(cfg.data, "val")
+  evaluator.evaluate(model, variables, source, cfg.data, cfg.eval.batch_size, mesh, out, load=load)
   print(f"evaluated {ckpt.describe()}; wrote eval_metrics.json and eval_results.json to {out}")
 
 

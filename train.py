@@ -33,6 +33,12 @@ flags.DEFINE_bool(
   "keep freed host memory for reuse (sparse_detr_jax/hostmem.py: faster steps on a CPU; the process keeps its peak"
   " resident size)",
 )
+flags.DEFINE_string(
+  "compiled_dir",
+  None,
+  "train steps saved by `preflight --save_compiled DIR`: loaded instead of compiled where they match this run (a"
+  " saved program is as trusted as code: loading it unpickles it)",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -57,7 +63,8 @@ def main(argv):
   loop.enable_compilation_cache(FLAGS.compilation_cache_dir)
   config_lib.validate(FLAGS.config.model)
   logging.info("%d processes, %d devices (%d local)", jax.process_count(), jax.device_count(), jax.local_device_count())
-  trainer.train(FLAGS.config, FLAGS.workdir)  # a workdir.ConfigMismatch says what to do: one message (cli.run)
+  # A workdir.ConfigMismatch says what to do: one message (cli.run).
+  trainer.train(FLAGS.config, FLAGS.workdir, FLAGS.compiled_dir)
 
 
 if __name__ == "__main__":

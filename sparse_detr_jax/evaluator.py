@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -100,11 +101,21 @@ def evaluate(
   workdir: str | None = None,
   tag: str = "eval",
   num_workers: int = 0,
+  load: Callable[[tuple[int, int]], Any] | None = None,
 ) -> dict[str, float]:
-  """COCO bbox metrics of `model` on `source`; writes results and metrics json under workdir (host 0)."""
+  """COCO bbox metrics of `model` on `source`; writes results and metrics json under workdir (host 0).
+  load(canvas): an executable of the inference function saved for that canvas (compiled.Loader), or None."""
   n_dev = mesh.devices.size
   ds = pipeline.eval_dataset(source, data_config, per_device_batch * n_dev, jax.process_index(), jax.process_count())
-  predict = make_predict(model, mesh)
+  jitted, executables = make_predict(model, mesh), {}
+  variables = jax.device_put(variables, NamedSharding(mesh, P()))  # replicated once, as a compiled program takes them
+
+  def predict(variables, image, padding_mask, orig_size):  # a saved executable per canvas, else compiled on use
+    canvas = tuple(image.shape[1:3])
+    if canvas not in executables:
+      executables[canvas] = (load(canvas) if load else None) or jitted
+    return executables[canvas](variables, image, padding_mask, orig_size)
+
   results, skipped, pending = [], 0, None
 
   def collect(det, image_id, skip):  # the detections of one batch, gathered from every host

@@ -7,6 +7,7 @@
 """
 
 import collections
+import concurrent.futures
 import logging
 import os
 import signal
@@ -80,35 +81,98 @@ class StepExecutables:
   sight; with the persistent compilation cache on, a resumed run loads instead of compiling.
   """
 
-  def __init__(self, jitted: Callable, name: str = "train step"):
-    self._jitted, self._name = jitted, name
+  def __init__(self, jitted: Callable, name: str = "train step", load: Callable[[tuple[int, int]], Any] | None = None):
+    """load(canvas): an executable saved for that canvas (compiled.Loader), or None: compile."""
+    self._jitted, self._name, self._load = jitted, name, load
     self._compiled: dict[tuple, Any] = {}
     self.seconds: dict[tuple, float] = {}
+    self.loaded = 0
 
   @staticmethod
   def _key(batch: dict[str, Any]) -> tuple:
     return tuple(batch["image"].shape)
 
+  def _loaded(self, key: tuple) -> bool:
+    """Whether the executable of `key` is at hand: compiled before, or loaded now."""
+    if key not in self._compiled and self._load is not None:
+      executable = self._load(tuple(key[1:3]))
+      if executable is not None:
+        self._compiled[key] = executable
+        self.loaded += 1
+    return key in self._compiled
+
   def compile(self, state: Any, batch: dict[str, Any]) -> Any:
     key = self._key(batch)
-    if key not in self._compiled:
+    if not self._loaded(key):
       start = time.time()
       self._compiled[key] = self._jitted.lower(state, batch).compile()
       self.seconds[key] = time.time() - start
       logging.info("%s for batch %s: compiled in %.1f s", self._name, key, self.seconds[key])
     return self._compiled[key]
 
-  def compile_all(self, state: Any, batch: dict[str, jax.Array], canvases: Sequence[tuple[int, int]]) -> None:
-    """Compile for every canvas (h, w), from the shapes, dtypes and shardings of one real `batch`."""
+  def compile_all(
+    self, state: Any, batch: dict[str, jax.Array], canvases: Sequence[tuple[int, int]], threads: int = 0
+  ) -> None:
+    """Compile for every canvas (h, w), from the shapes, dtypes and shardings of one real `batch`: lowered one
+    after another (lowering holds Python's lock), compiled in `threads` threads at once (XLA compiles without
+    it; 0: as many as canvases, at most the host's cores)."""
+    todo = []
     for h, w in canvases:
       abstract = {}
       for k, v in batch.items():
         shape = (v.shape[0], h, w) + v.shape[3:] if v.ndim >= 3 and k in ("image", "padding_mask") else v.shape
         abstract[k] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=v.sharding)
-      self.compile(state, abstract)
+      key = self._key(abstract)
+      if not self._loaded(key) and key not in [k for k, _ in todo]:
+        todo.append((key, self._jitted.lower(state, abstract)))
+    start = time.time()
+    for key, compiled, seconds in parallel_compile(todo, threads):
+      self._compiled[key], self.seconds[key] = compiled, seconds
+      logging.info("%s for batch %s: compiled in %.1f s", self._name, key, seconds)
+    if len(todo) > 1:
+      logging.info("%d canvases compiled in %.1f s (%d at a time)", len(todo), time.time() - start,
+                   compile_threads(threads, len(todo)))  # fmt: skip
 
   def __call__(self, state: Any, batch: dict[str, jax.Array]) -> Any:
     return self.compile(state, batch)(state, batch)
+
+
+# Host memory one more concurrent compile may take: two ResNet-50 rho 0.1 train steps compiled at once for a v5e-16
+# peaked at 20.3 GiB of resident memory, one at 16.0 GiB (benchmarks/compile_canvases.py measures it on the CPU).
+COMPILE_GIB = 8.0
+
+
+def _available_gib() -> float:
+  try:
+    with open("/proc/meminfo") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+  except (OSError, StopIteration, ValueError):
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+
+
+def compile_threads(threads: int, jobs: int) -> int:
+  """How many programs to compile at once: `threads`, or (0) one per job, at most the host's cores and one per
+  COMPILE_GIB of the memory available now."""
+  if threads < 0:
+    raise ValueError(f"compile threads: expected 0 (automatic) or a positive number, got {threads}")
+  if threads:
+    return max(1, min(jobs, threads))
+  return max(1, min(jobs, os.cpu_count() or 1, int(_available_gib() // COMPILE_GIB)))
+
+
+def parallel_compile(lowered: Sequence[tuple[Any, Any]], threads: int = 0) -> Iterator[tuple[Any, Any, float]]:
+  """(key, compiled, seconds) for each (key, jax Lowered), in order, compiled in `compile_threads` threads: XLA
+  releases Python's lock while it compiles, so canvases compile side by side on a many-core host."""
+
+  def one(item: tuple[Any, Any]) -> tuple[Any, Any, float]:
+    key, low = item
+    start = time.time()
+    return key, low.compile(), time.time() - start
+
+  if not lowered:
+    return
+  with concurrent.futures.ThreadPoolExecutor(compile_threads(threads, len(lowered))) as pool:
+    yield from pool.map(one, lowered)
 
 
 class PreemptionWatcher:

@@ -13,6 +13,7 @@ images/s and model FLOPs utilisation, with the step time by part of the model (`
 measurements. Exit status 1 when a canvas does not fit, naming the largest batch that does.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -52,6 +53,8 @@ CHIPS = {
   "a100": Chip("cuda", 79.2, 312),  # 80 GB cards: the device memory the driver reports
   "h100": Chip("cuda", 79.1, 989),
   "h200": Chip("cuda", 140.4, 989),
+  # This machine's CPU as N devices (XLA's host platform): the whole save/load path runs without an accelerator.
+  "cpu": Chip("cpu", round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1), 0),
 }
 
 
@@ -92,7 +95,7 @@ def parse_topology(name: str) -> Topology:
         f"({'TensorCores, two per chip' if chip.cores_per_chip == 2 else 'chips'})"
       )
   elif n < 1:
-    raise ValueError(f"--topology {name!r}: at least one GPU")
+    raise ValueError(f"--topology {name!r}: at least one {'device' if kind == 'cpu' else 'GPU'}")
   return Topology(name.strip().lower(), kind, chips, chip.hbm_gib)
 
 
@@ -127,6 +130,14 @@ def devices(topology: Topology) -> list:
   """Device descriptions of the whole slice / machine (no accelerator needed)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
 
+  if topology.chip.platform == "cpu":
+    import jax  # pylint: disable=import-outside-toplevel
+
+    found = jax.devices("cpu")
+    if len(found) < topology.chips:
+      flag = f"--xla_force_host_platform_device_count={topology.chips}"
+      raise RuntimeError(f"{len(found)} host devices; XLA_FLAGS={flag} is needed")
+    return found[: topology.chips]
   if topology.chip.platform == "tpu":
     name = f"{topology.kind}:{'x'.join(map(str, topology.shape()))}"
     desc = topologies.get_topology_desc(topology_name=name, platform="tpu")
@@ -228,11 +239,32 @@ def _refused(error: Exception, function: str, canvas, per_chip_batch: int, args,
                  None, None, None, 0, 0, 0)  # fmt: skip
 
 
+@dataclasses.dataclass
+class Lowered:
+  """A function lowered for the target devices, ready to compile."""
+
+  function: str
+  per_chip_batch: int
+  canvas: tuple[int, int]
+  args: tuple
+  jaxpr: Any
+  lowered: Any
+  cache_path: str | None
+  compiled: Any = None  # the executable, when the Builder keeps it (--save_compiled)
+
+
 class Builder:
   """A config's train step and inference function, lowered for a mesh of device descriptions."""
 
   def __init__(
-    self, cfg, devices_: Sequence[Any], platform: str, cache_dir: str | None = None, clock_ghz: float | None = None
+    self,
+    cfg,
+    devices_: Sequence[Any],
+    platform: str,
+    cache_dir: str | None = None,
+    clock_ghz: float | None = None,
+    steps_per_epoch: int = 1000,
+    keep_compiled: bool = False,
   ):
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -244,9 +276,9 @@ class Builder:
     if self.cfg.loss.matcher == "auto":
       self.cfg.loss.matcher = matcher.default_solver(platform)
     if self.cfg.model.get("scan_layers", "auto") == "auto":  # what 'auto' means there (model.scans_layers)
-      self.cfg.model.scan_layers = "scan"
+      self.cfg.model.scan_layers = "unroll" if platform == "cpu" else "scan"
     self.note = ""
-    if platform != "tpu" and self.cfg.loss.matcher == "scipy":
+    if platform == "cuda" and self.cfg.loss.matcher == "scipy":
       # A host callback can only be lowered with its platform's runtime present: the on-device solver (the same
       # assignment, no host round trip) stands in; memory and compile time are those of the step without it.
       self.cfg.loss.matcher = "jax"
@@ -255,6 +287,8 @@ class Builder:
     self.model = model_lib.build_model(self.cfg.model)
     self.cache_dir = cache_dir
     self.clock_ghz = clock_ghz
+    self.steps_per_epoch = steps_per_epoch  # the learning-rate schedule's (a saved program holds it)
+    self.keep_compiled = keep_compiled  # compile even what the analysis cache knows: the executables are saved
 
   def _state(self, global_batch: int):
     import jax  # pylint: disable=import-outside-toplevel
@@ -269,7 +303,7 @@ class Builder:
     def init():
       variables = model_lib.init_variables(self.model, jax.random.PRNGKey(0))
       state, made["tx"], made["schedules"] = trainer.new_state(
-        self.cfg, variables, global_batch, 1000, jax.random.PRNGKey(1)
+        self.cfg, variables, global_batch, self.steps_per_epoch, jax.random.PRNGKey(1)
       )
       return state
 
@@ -313,29 +347,38 @@ class Builder:
     variables = {"params": state.params, **state.constants}
     return evaluator.make_predict(self.model, self.mesh), (variables, b["image"], b["padding_mask"], b["orig_size"])
 
-  def compile(self, function: str, per_chip_batch: int, canvas: tuple[int, int]) -> Program:
-    """Lower and compile `function`; with a cache directory, a program lowered before is not compiled again (the
-    compiler's own cache cannot load programs compiled for absent devices): its recorded analysis is returned."""
+  def lower(self, function: str, per_chip_batch: int, canvas: tuple[int, int]) -> "Lowered":
+    """Trace and lower `function` (holds Python's lock: one at a time)."""
     fn, args = (self.train_step if function == "train" else self.predict)(per_chip_batch, canvas)
     traced = fn.trace(*args)
     lowered = traced.lower()
-    path = self._cache_path(lowered)
-    if path and os.path.exists(path):
-      with open(path) as f:
-        return Program(**{**json.load(f), "canvas": tuple(canvas), "cached": True})
+    return Lowered(function, per_chip_batch, tuple(canvas), args, traced.jaxpr, lowered, self._cache_path(lowered))
+
+  def finish(self, low: "Lowered") -> Program:
+    """Compile a lowered function and say what XLA says of it (threads may run several at once: XLA compiles
+    without Python's lock); with a cache directory, a program lowered before is not compiled again (the
+    compiler's own cache cannot load programs compiled for absent devices): its recorded analysis is returned."""
+    if low.cache_path and os.path.exists(low.cache_path) and not self.keep_compiled:
+      with open(low.cache_path) as f:
+        return Program(**{**json.load(f), "canvas": low.canvas, "cached": True})
     start = time.perf_counter()
     try:
-      compiled = lowered.compile()
+      compiled = low.lowered.compile()
       seconds = time.perf_counter() - start
-      program = analyse(function, canvas, per_chip_batch, compiled, seconds, self.clock_ghz, traced.jaxpr)
+      low.compiled = compiled if self.keep_compiled else None
+      program = analyse(low.function, low.canvas, low.per_chip_batch, compiled, seconds, self.clock_ghz, low.jaxpr)
     except Exception as e:  # XLA:TPU refuses a program larger than the chip's memory
-      program = _refused(e, function, canvas, per_chip_batch, args, time.perf_counter() - start)
-    if path:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "w") as f:
+      program = _refused(e, low.function, low.canvas, low.per_chip_batch, low.args, time.perf_counter() - start)
+    if low.cache_path:
+      os.makedirs(os.path.dirname(low.cache_path), exist_ok=True)
+      with open(low.cache_path + ".tmp", "w") as f:
         json.dump(dataclasses.asdict(program), f)
-      os.replace(path + ".tmp", path)
+      os.replace(low.cache_path + ".tmp", low.cache_path)
     return program
+
+  def compile(self, function: str, per_chip_batch: int, canvas: tuple[int, int]) -> Program:
+    """Lower and compile `function` (`lower`, then `finish`)."""
+    return self.finish(self.lower(function, per_chip_batch, canvas))
 
   def _cache_path(self, lowered: Any) -> str | None:
     """Key: the lowered program, the devices it is compiled for, the compiler's version and flags."""
@@ -489,9 +532,31 @@ def run(
   functions: Sequence[str],
   cache_dir: str | None,
   log=print,
+  threads: int = 0,
+  steps_per_epoch: int = 1000,
+  save_compiled: str | None = None,
 ) -> dict:
-  """Compile every function for every canvas; the report (rows, the largest batch of what does not fit)."""
-  builder = Builder(cfg, devices_, topology.chip.platform, cache_dir, topology.chip.clock_ghz)
+  """Compile every function for every canvas, `threads` at once (0: one per program, at most the host's cores);
+  the report (rows, the largest batch of what does not fit). save_compiled: a directory to write the executables
+  to, for train.py --compiled_dir (sparse_detr_jax/compiled.py), with the epoch length the run's learning-rate
+  schedule has (`steps_per_epoch`)."""
+  from sparse_detr_jax import compiled as compiled_lib  # pylint: disable=import-outside-toplevel
+  from sparse_detr_jax import loop  # pylint: disable=import-outside-toplevel
+
+  platform = topology.chip.platform
+  builder = Builder(
+    cfg, devices_, platform, cache_dir, topology.chip.clock_ghz, steps_per_epoch, keep_compiled=bool(save_compiled)
+  )
+  writer = None
+  if save_compiled:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    # Every program compiled afresh: an executable JAX's persistent cache hands back may not serialize whole (seen on
+    # the CPU: it loads, then misses its functions when run).
+    jax.config.update("jax_enable_compilation_cache", False)
+    writer = compiled_lib.Writer(
+      save_compiled, compiled_lib.expected(cfg, builder.mesh, per_chip_batch, steps_per_epoch, platform)
+    )
   log(
     f"{topology.name}: {topology.chips} x {topology.kind} ({topology.hbm_gib:g} GiB each), mesh 'data' over "
     f"every chip, global batch {per_chip_batch * topology.chips} ({per_chip_batch} per chip); backbone "
@@ -501,17 +566,32 @@ def run(
     log(builder.note)
   log(HEADER)
   rows, short, parts = [], [], []
-  for canvas in canvases:
-    for function in functions:
-      p = builder.compile(function, per_chip_batch, canvas)
+  lowered = [builder.lower(function, per_chip_batch, canvas) for canvas in canvases for function in functions]
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(loop.compile_threads(threads, len(lowered))) as pool:
+    for low, p in zip(lowered, pool.map(builder.finish, lowered), strict=True):
       row = report_row(p, topology)
       rows.append(row)
       log(format_row(row))
       if row["est_parts_s"]:
         parts.append(row)
       if not row["fits"]:
-        row["largest_fitting_batch"] = largest_batch(builder, function, canvas, topology.hbm_gib, p, log)
-        short.append(row)
+        short.append((row, low, p))
+      if writer and low.compiled is not None:
+        if p.host_callbacks:
+          log(f"not saved: {low.function} {row['canvas']} calls back to Python (loss.matcher=scipy); use 'jax'")
+        else:
+          writer.add(low.function, low.canvas, low.compiled)
+        low.compiled = None
+  if len(lowered) > 1:
+    log(f"{len(lowered)} programs compiled in {time.perf_counter() - start:.1f} s, "
+        f"{loop.compile_threads(threads, len(lowered))} at a time")  # fmt: skip
+  for row, low, p in short:
+    row["largest_fitting_batch"] = largest_batch(builder, low.function, low.canvas, topology.hbm_gib, p, log)
+  short = [row for row, _, _ in short]
+  if writer:
+    writer.close()
+    log(f"saved {len(writer.manifest['programs'])} compiled programs and {compiled_lib.MANIFEST} to {save_compiled}")
   log(LEGEND)
   for row in parts:
     for line in format_parts(row):
@@ -537,6 +617,21 @@ def summary_line(report: dict) -> str:
   )
 
 
+def epoch_length(cfg, global_batch: int) -> int:
+  """The run's batches per epoch (its learning-rate schedule's unit), from the config's training annotations."""
+  from sparse_detr_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+
+  try:
+    source = sources.build_source(cfg.data, "train")
+  except FileNotFoundError as e:
+    raise FileNotFoundError(
+      f"--save_compiled: the learning-rate schedule needs the epoch length, and the training data is not here "
+      f"({e}): give --steps_per_epoch (train.py logs it: batches per epoch at the global batch)"
+    ) from None
+  spec = pipeline.data_spec(cfg.data)
+  return pipeline.Planner(source.sizes, spec, global_batch, cfg.train.seed, True).batches_per_epoch
+
+
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -559,7 +654,8 @@ def main(argv: Sequence[str]) -> None:
       raise ValueError(f"--functions {f.functions!r}: expected train, predict or both")
     if per_chip < 1:
       raise ValueError(f"--per_chip_batch {per_chip}: expected at least 1")
-  except ValueError as e:
+    steps_per_epoch = f.steps_per_epoch or (epoch_length(cfg, per_chip * topology.chips) if f.save_compiled else 1000)
+  except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"preflight: {e}\n")
     sys.exit(2)
   try:
@@ -567,7 +663,10 @@ def main(argv: Sequence[str]) -> None:
   except Exception as e:  # no libtpu / CUDA plugin: say how to get them
     sys.stderr.write(f"preflight: no compiler for {topology.name}: {str(e).splitlines()[0]}\n{INSTALL_HINT}\n")
     sys.exit(2)
-  report = run(cfg, topology, devs, per_chip, canvases, functions, os.path.expanduser(f.cache_dir) or None)
+  report = run(
+    cfg, topology, devs, per_chip, canvases, functions, os.path.expanduser(f.cache_dir) or None,
+    threads=f.compile_threads, steps_per_epoch=steps_per_epoch, save_compiled=f.save_compiled or None,
+  )  # fmt: skip
   for r in report["does_not_fit"]:
     print(
       f"does not fit: {r['function']} {r['canvas']} at {r['per_chip_batch']} images per chip needs "
@@ -601,11 +700,23 @@ def define_flags() -> None:
   flags.DEFINE_string(
     "topology",
     None,
-    "a TPU slice (v4-8 .. v4-4096, v5e-4 .. v5e-256, v5p-8 .., v6e-4 .. v6e-256) or a GPU machine (a100-N, "
-    "h100-N, h200-N)",
+    "a TPU slice (v4-8 .. v4-4096, v5e-4 .. v5e-256, v5p-8 .., v6e-4 .. v6e-256), a GPU machine (a100-N, "
+    "h100-N, h200-N) or this machine's CPU as N devices (cpu-N)",
   )
   flags.DEFINE_integer("per_chip_batch", 0, "images per chip (default: the config's train.batch_size)")
+  flags.DEFINE_integer(
+    "compile_threads", 0, "programs compiled at once (0: one per program, at most this machine's cores)", lower_bound=0
+  )
   flags.DEFINE_string("canvases", "largest", "'largest', 'all' (every data.buckets canvas) or HxW[,HxW...]")
+  flags.DEFINE_string(
+    "save_compiled",
+    "",
+    "write the compiled programs and a manifest here, for train.py --compiled_dir (a saved program is as trusted as"
+    " code: loading it unpickles it)",
+  )
+  flags.DEFINE_integer(
+    "steps_per_epoch", 0, "with --save_compiled: the run's batches per epoch (default: from the training data)"
+  )
   flags.DEFINE_string("dtype", "", "model.dtype to compile with (default: the config's)")
   flags.DEFINE_string("functions", "train,predict", "train, predict or both")
   flags.DEFINE_string("json", "", "write the report here too")
@@ -645,6 +756,12 @@ def _environment() -> None:
   here = os.path.abspath(".libtpu/libtpu/libtpu.so")
   if "TPU_LIBRARY_PATH" not in os.environ and os.path.exists(here):
     os.environ["TPU_LIBRARY_PATH"] = here
+  kind, _, count = _topology_argument(sys.argv).partition("-")
+  if kind == "cpu" and count.isdigit():  # N host devices, as train.py sees them with the same flag
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flag = f"--xla_force_host_platform_device_count={count}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
   cuda = os.environ.get("SPARSE_DETR_JAX_CUDA", ".jax-cuda")
   if _topology_argument(sys.argv).split("-")[0] in _GPU:
     xla_flags.set_gpu_flags(force=True)  # as train.py sets them on a GPU machine

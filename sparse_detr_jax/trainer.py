@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sparse_detr_jax import checkpoints, convert, evaluator, loop, losses, metrics_writer, optim, visualize
+from sparse_detr_jax import compiled as compiled_lib
 from sparse_detr_jax import model as model_lib
 from sparse_detr_jax import workdir as workdir_lib
 from sparse_detr_jax.data import pipeline, sources
@@ -204,13 +205,15 @@ def _precompile(option: str) -> bool:
   return option == "always" or (option == "auto" and jax.default_backend() != "cpu")
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(cfg: ml_collections.ConfigDict, workdir: str, compiled_dir: str | None = None) -> TrainState:
   """Train (resuming from the latest checkpoint in workdir), evaluating periodically and at the end.
 
   Steady-state steps do no device-to-host transfer: the host reads the device only at log, checkpoint,
   eval and picture steps, so it dispatches step N+1 and copies batch N+2 while step N runs.
   Checkpoints are written in the background. On SIGTERM (or, on
   a pod, JAX's preemption notice) every host saves at the same next step and `train` returns.
+  compiled_dir: train steps saved by preflight --save_compiled, loaded instead of compiled where they match
+  (sparse_detr_jax/compiled.py).
   """
   t = cfg.train
   # The data paths as absolute ones: evaluate.py --workdir and predict then work from any directory.
@@ -226,6 +229,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
   names = train_source.categories
   workdir_lib.check_labels(names, workdir, train_source.where)
   sch = schedule(cfg, train_source)
+  loader = None
+  if compiled_dir:
+    want = compiled_lib.expected(cfg, mesh, t.batch_size, sch.steps_per_epoch)
+    loader = compiled_lib.Loader(compiled_dir, want, mesh)
   val_source = (
     sources.build_source(cfg.data, "val") if (t.eval_every_steps or t.eval_at_end or t.picture_every_steps) else None
   )
@@ -263,14 +270,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
     start = int(state.step)
     writer.text(start, "config", cfg.to_json_best_effort(indent=1))
     batches = loop.DevicePrefetch(it, mesh, BATCH_KEYS, size=2)
-    step_fn = loop.StepExecutables(make_train_step(model, cfg, tx, mesh, schedules))
+    load = (lambda canvas: loader.load("train", canvas)) if loader else None
+    step_fn = loop.StepExecutables(make_train_step(model, cfg, tx, mesh, schedules), load=load)
     # skipped_images: images left out when the dataset was read (missing files) and samples that could not be
     # decoded (replaced by empty images, each time they come up); skipped_annotations: see sources.CocoSource.
     skipped, dropped, window_step, window_start = train_source.skipped_images, 0, start, time.time()
     for step in range(start + 1, sch.total_steps + 1):
       batch, host, data_state = next(batches)
       if step == start + 1 and _precompile(t.precompile):
-        step_fn.compile_all(state, batch, pipeline.data_spec(cfg.data).buckets)
+        step_fn.compile_all(state, batch, pipeline.data_spec(cfg.data).buckets, t.compile_threads)
       skipped += int(host["skipped"].sum())
       truncated = int(host["truncated"].sum())
       if truncated and not dropped:
@@ -323,7 +331,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
           metrics["lr/base"],
           metrics["grad_norm"],
           # The first step's time is mostly compilation: no rate or ETA from it.
-          "(compiled and ran)"
+          ("(loaded and ran)" if step_fn.loaded else "(compiled and ran)")
           if step == start + 1
           else f"{rate:.1f} img/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}",
         )
@@ -365,6 +373,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> TrainState:
     )
   if dropped:
     logging.warning("%d boxes over data.max_boxes = %d were dropped from training images", dropped, cfg.data.max_boxes)
+  if loader:
+    logging.info(
+      "--compiled_dir %s: %d train steps loaded, %d compiled", compiled_dir, step_fn.loaded, len(step_fn.seconds)
+    )
   if int(state.step) >= sch.total_steps:
     final = os.path.join(os.path.abspath(workdir), "checkpoints", str(sch.total_steps))
     logging.info("finished: %d steps; the final checkpoint is %s", sch.total_steps, final)

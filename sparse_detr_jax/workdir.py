@@ -35,6 +35,7 @@ HARMLESS = (
   "train.picture_every_steps",
   "train.on_nonfinite",
   "train.precompile",
+  "train.compile_threads",
   "eval.",
   "data.num_workers",
   "data.prefetch",
