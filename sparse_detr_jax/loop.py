@@ -130,7 +130,7 @@ class StepExecutables:
       self._compiled[key], self.seconds[key] = compiled, seconds
       logging.info("%s for batch %s: compiled in %.1f s", self._name, key, seconds)
     if len(todo) > 1:
-      logging.info("%d canvases compiled in %.1f s (%d at a time)", len(todo), time.time() - start,
+      logging.info("%d canvases: %.1f s to compile them all, %d at a time", len(todo), time.time() - start,
                    compile_threads(threads, len(todo)))  # fmt: skip
 
   def __call__(self, state: Any, batch: dict[str, jax.Array]) -> Any:

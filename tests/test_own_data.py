@@ -119,15 +119,15 @@ def test_a_run_owns_its_label_map(trained, dataset):
   assert "1 skipped: image file missing" in log and "box without area" in log
   other = elsewhere / "somewhere_else"
   other.mkdir()
-  for extra in ([], [f"--config={ROOT / 'configs' / 'shapes_tiny.py'}"]):
-    r = run([*PY, "-m", "sparse_detr_jax.predict", f"--workdir={workdir}", "--threshold=0", "--out=p", *extra,
-             str(dataset / "val" / "val0.jpg"), str(dataset / "val")], other)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    saved = json.loads((other / "p" / "detections.json").read_text())
-    found = {(d["category_id"], d["category"]) for entry in saved for d in entry["detections"]}
-    assert found and found <= set(NAMES.items()), found
-    assert [e["picture"] for e in saved[:2]] == [str(pathlib.Path("p") / n) for n in ("val0.png", "val0_1.png")]
-    assert r.stdout.strip() == "wrote p/detections.json (5 images) and 5 pictures"
+  config = f"--config={ROOT / 'configs' / 'shapes_tiny.py'}"  # its transform; the model and names: the run's
+  r = run([*PY, "-m", "sparse_detr_jax.predict", f"--workdir={workdir}", "--threshold=0", "--out=p", config,
+           str(dataset / "val" / "val0.jpg"), str(dataset / "val")], other)  # fmt: skip
+  assert r.returncode == 0, r.stderr[-3000:]
+  saved = json.loads((other / "p" / "detections.json").read_text())
+  found = {(d["category_id"], d["category"]) for entry in saved for d in entry["detections"]}
+  assert found == set(NAMES.items()), found  # 10 queries x 3 categories each, every category
+  assert [e["picture"] for e in saved[:2]] == [str(pathlib.Path("p") / n) for n in ("val0.png", "val0_1.png")]
+  assert r.stdout.strip() == "wrote p/detections.json (5 images) and 5 pictures"
 
 
 def test_evaluate_names_its_checkpoint_prints_once_and_says_where_it_wrote(trained, tmp_path):
