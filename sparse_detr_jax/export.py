@@ -156,7 +156,7 @@ def load(directory: str, detector_cls, batch_size: int | None = None):
 def define_flags() -> None:
   """The command line's flags (defined only when run as a program: the library must not own global flags)."""
   flags.DEFINE_string("checkpoint", None, "official .pth, converted directory, training workdir or checkpoint step")
-  flags.DEFINE_string("config", None, "config file whose data block gives the transform, canvases and names")
+  flags.DEFINE_string("config", None, "config file whose data block gives the transform and canvases")
   flags.DEFINE_string("out", None, "output directory")
   flags.DEFINE_list("canvases", [], "HxW canvases to export (default: every canvas of the config)")
   flags.DEFINE_integer("batch_size", 0, "0: symbolic batch dimension; N: fixed (bit-identical to in-process)")
