@@ -33,7 +33,6 @@ from sparse_detr_jax import workdir as workdir_lib
 from sparse_detr_jax.data import categories
 
 Shapes = dict[str, tuple[int, ...]]  # 'params/level_embed' -> (4, 256)
-KINDS = ("official", "converted", "training")
 # Model fields that never change the variables (how the model computes, not what it holds).
 NO_WEIGHTS = ("dtype", "scan_layers", "dropout", "rho", "aux_loss")
 COMPUTE_FIELDS = ("dtype", "scan_layers")  # how a model computes: inference takes them from a given config
@@ -44,7 +43,7 @@ class Checkpoint:
   """What a path holds. model_config is None only for a step directory whose workdir has no config.json."""
 
   path: pathlib.Path  # the weights: the .pth, the converted directory, or the step directory
-  kind: str  # one of KINDS
+  kind: str  # 'official' | 'converted' | 'training'
   model_config: ml_collections.ConfigDict | None
   run_config: ml_collections.ConfigDict | None  # a training checkpoint's whole config (WORKDIR/config.json)
   names: dict[int, str] | None  # the label map; None where the names cannot be known
@@ -168,7 +167,7 @@ def _flag_value(v: Any) -> str:
   return f"'{tuple(v)}'" if isinstance(v, list | tuple) else str(v)
 
 
-def restore_variables(step_dir: str, model_config: ml_collections.ConfigDict | None = None) -> dict:
+def restore_variables(step_dir: str) -> dict:
   """{'params', ...constants} of a training checkpoint step directory, on this host's first device whatever
   topology saved it (e.g. a multi-host run evaluated on one machine)."""
   path = pathlib.Path(step_dir).absolute()
@@ -194,7 +193,7 @@ def load(
   `model_config` where the checkpoint carries none (a step directory without its workdir's config.json), after
   check_model. model_config must otherwise build the checkpoint's variables."""
   what = what or ckpt.describe()
-  mc = model_config or ckpt.model_config
+  mc = model_config if model_config is not None else ckpt.model_config
   if ckpt.model_config is None:
     if model_config is None:
       raise FileNotFoundError(
