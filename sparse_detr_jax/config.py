@@ -105,7 +105,8 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   t.picture_every_steps = 5000  # TensorBoard pictures (detections, kept tokens, DAM) of a val image; 0: never
   t.on_nonfinite = "stop"  # 'stop' (no update, no checkpoint, clear error) or 'skip' the update
   t.precompile = "auto"  # compile the step for every bucket before step 1: 'auto' (GPU/TPU), 'always', 'never'
-  t.compile_threads = 0  # canvases precompiled at once (0: one per canvas, at most the host's cores)
+  t.compile_threads = 0  # canvases precompiled at once (0: one per canvas, at most the host's cores and one per 8 GiB
+  # of available memory)
   t.update(overrides)
   return t
 

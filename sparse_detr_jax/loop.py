@@ -115,7 +115,7 @@ class StepExecutables:
   ) -> None:
     """Compile for every canvas (h, w), from the shapes, dtypes and shardings of one real `batch`: lowered one
     after another (lowering holds Python's lock), compiled in `threads` threads at once (XLA compiles without
-    it; 0: as many as canvases, at most the host's cores)."""
+    it; 0: compile_threads' default)."""
     todo = []
     for h, w in canvases:
       abstract = {}
@@ -125,13 +125,12 @@ class StepExecutables:
       key = self._key(abstract)
       if not self._loaded(key) and key not in [k for k, _ in todo]:
         todo.append((key, self._jitted.lower(state, abstract)))
-    start = time.time()
+    start, threads = time.time(), compile_threads(threads, max(len(todo), 1))
     for key, compiled, seconds in parallel_compile(todo, threads):
       self._compiled[key], self.seconds[key] = compiled, seconds
       logging.info("%s for batch %s: compiled in %.1f s", self._name, key, seconds)
     if len(todo) > 1:
-      logging.info("%d canvases: %.1f s to compile them all, %d at a time", len(todo), time.time() - start,
-                   compile_threads(threads, len(todo)))  # fmt: skip
+      logging.info("%d canvases: %.1f s to compile them all, %d at a time", len(todo), time.time() - start, threads)
 
   def __call__(self, state: Any, batch: dict[str, jax.Array]) -> Any:
     return self.compile(state, batch)(state, batch)
