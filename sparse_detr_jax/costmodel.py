@@ -7,9 +7,14 @@ backward pass). `benchmarks/profile_step.py` uses the same attribution for measu
 
 XLA:TPU gives every scheduled instruction of a compiled program an `estimated_cycles` figure (its cost model's
 time for that op on the target chip); `estimate` sums them, each loop body times its trip count, and converts
-cycles to seconds at the chip's clock. That is an estimate, not a measurement. `compiled.cost_analysis()`'s
-`optimal_seconds` cannot stand in for it: it counts a loop body once whatever the trip count, and an op it cannot
-price (e.g. the `ConcatBitcast` custom call XLA:TPU makes for a 3x3 convolution's gradient) adds -1 s.
+cycles to seconds at the chip's clock. That is an estimate, not a measurement, and not of everything: XLA:TPU
+prices no custom fusion (`kind=kCustom`: the row gathers and scatter-adds it emits, e.g. a deformable sampling's
+corners and their gradient, a sparse encoder's kept tokens) and gives a gather it moves to a SparseCore
+(`xla_tpu_offload_gather_to_sparsecore`) the largest int64 as its cycles; `estimate` counts those executions by part
+(`Estimate.unpriced`) and leaves them out of the sum, so a step holding any is estimated low.
+`compiled.cost_analysis()`'s `optimal_seconds` cannot stand in for it: it counts a loop body once whatever the trip
+count, and an op it cannot price (e.g. the `ConcatBitcast` custom call XLA:TPU makes for a 3x3 convolution's
+gradient) adds -1 s.
 """
 
 import collections
@@ -74,9 +79,11 @@ class Op:
   computation: str  # the computation the instruction is in
   cycles: int | None  # XLA:TPU's estimated_cycles, where given
   loop: tuple[str, int | None] | None = None  # a while loop's (body computation, trip count or None)
+  unpriced: bool = False  # scheduled work without a price: a custom fusion without cycles, or int64-max cycles
 
 
 _HEAD = re.compile(r"(?:ENTRY )?%([\w.\-]+) ")
+_NO_PRICE = 2**63 - 1  # XLA:TPU's cycles for an op it cannot price (a gather offloaded to a SparseCore)
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\(")  # types may be tuples
 
 
@@ -115,7 +122,9 @@ def parse(hlo_text: str) -> dict[str, Op]:
       calls[name] = called.group(1)
     if meta:
       last_meta[computation] = meta.group(1)
-    ops[name] = Op(opcode, meta.group(1) if meta else "", computation, int(cycles.group(1)) if cycles else None, loop)
+    cycles = int(cycles.group(1)) if cycles else None
+    unpriced = cycles == _NO_PRICE or (cycles is None and "kind=kCustom" in line)
+    ops[name] = Op(opcode, meta.group(1) if meta else "", computation, None if unpriced else cycles, loop, unpriced)
   ops = {
     n: op if op.op_name else dataclasses.replace(op, op_name=last_meta.get(calls.get(n), "")) for n, op in ops.items()
   }
@@ -154,6 +163,7 @@ class Estimate:
   seconds: dict[tuple[str, str], float]
   instructions: dict[tuple[str, str], int]  # scheduled instructions (each compiled once, however often it runs)
   unknown_trip_loops: int  # loops whose bodies are counted once per entry: the estimate is a lower bound there
+  unpriced: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)  # executions XLA gives no cycles
 
   @property
   def total_s(self) -> float:
@@ -168,16 +178,18 @@ class Estimate:
 
 def estimate(hlo_text: str, clock_ghz: float) -> Estimate:
   """Sum of XLA:TPU's per-instruction cycle estimates of a compiled module, each times the executions of its
-  computation, at `clock_ghz`, by part of the step and direction."""
+  computation, at `clock_ghz`, by part of the step and direction; what it leaves unpriced, counted."""
   ops = parse(hlo_text)
   runs, unknown = executions(ops)
-  seconds, count = collections.Counter(), collections.Counter()
+  seconds, count, unpriced = collections.Counter(), collections.Counter(), collections.Counter()
   for op in ops.values():
+    if op.unpriced:
+      unpriced[part(op.op_name, op.opcode), direction(op.op_name)] += runs.get(op.computation, 1)
     if op.cycles is not None:
       key = part(op.op_name, op.opcode), direction(op.op_name)
       seconds[key] += op.cycles * runs.get(op.computation, 1) / (clock_ghz * 1e9)
       count[key] += 1
-  return Estimate(dict(seconds), dict(count), unknown)
+  return Estimate(dict(seconds), dict(count), unknown, dict(unpriced))
 
 
 def matmul_flops(jaxpr: Any) -> float:

@@ -24,9 +24,11 @@ SpatialShapes = Sequence[tuple[int, int]]
 # Queries per block in deformable_sample: 4096 x 8 heads x 64 corners x 32 channels x 4 B = 268 MB of
 # gathered corners per image.
 QUERY_CHUNK = 4096
-# Where separable_sample replaces the gather on TPUs (bfloat16 only). By XLA:TPU's cost model on v5e, fwd + bwd at
-# 800x1333, 4 images: a rho 0.1 encoder layer (2223 queries) 24.6 ms against the gather's 42.5 ms; a decoder layer
-# (300 queries) 9.5 against 4.9; in float32, whose products must then run at full precision, 67.8 against 46.1.
+# Where separable_sample replaces the gather on TPUs (bfloat16 only). By XLA:TPU's cost model on v5e at 800x1333,
+# 4 images, a layer's forward, output and gradients (benchmarks/tpu_sampling.py): a rho 0.1 encoder layer (2223
+# queries) 38.0 ms, against the gather's 57.3 ms plus its row gather and scatter-add, which XLA does not price; a
+# decoder layer (300 queries) 13.3 against 5.3 plus those; in float32, whose products must then run at full
+# precision, 91.0 against 66.4 plus those.
 SEPARABLE_MIN_QUERIES = 1024
 
 
@@ -196,8 +198,9 @@ def separable_sample(
   weights (B, Q, M, P, W) times the level's value map (B, H, W, M, D) is one matrix product per image and head, on
   the matrix units; the y weights, times the attention weight, then sum over the rows. The dense product costs
   2 * Q * P * H * W * D FLOPs per level, image and head, against 4 * Q * P corners read by `gather_sample`; it pays
-  where a gather of D = 32-channel rows is slow: XLA:TPU gathers such rows one channel at a time (figures at
-  SEPARABLE_MIN_QUERIES). Queries go in blocks, rematerialised for the backward pass, as in `gather_sample`.
+  where a gather of D = 32-channel rows is slow: XLA:TPU writes such rows channel-major and then lays them out again
+  one channel at a time, on top of the gather itself (figures at SEPARABLE_MIN_QUERIES). Queries go in blocks,
+  rematerialised for the backward pass, as in `gather_sample`.
   """
   b, _, m, d = value.shape
   q = locations.shape[1]

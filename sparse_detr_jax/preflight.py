@@ -28,7 +28,7 @@ from typing import Any
 from sparse_detr_jax import costmodel, xla_flags
 
 GIB = 2.0**30
-ANALYSIS_VERSION = "2"  # of what a cached analysis holds: older ones are compiled again
+ANALYSIS_VERSION = "3"  # of what a cached analysis holds: older ones are compiled again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +169,7 @@ class Program:
   matmul_flops: float | None = None  # matrix products and convolutions, loops counted in full (costmodel.matmul_flops)
   est_parts: dict[str, float] | None = None  # the estimate by 'part/direction' (costmodel.PARTS)
   unknown_trip_loops: int = 0  # data-dependent loops (the matcher's): counted once per entry, the estimate a bound
+  unpriced: dict[str, int] | None = None  # executions XLA gives no cycles, by 'part/direction': not in est_step_s
   cached: bool = False  # read from the preflight cache: compile_s is that of the original compile
 
   @property
@@ -217,7 +218,7 @@ def analyse(
     mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes, mem.temp_size_in_bytes,
     cost.get("flops"), cost.get("bytes accessed"), est.total_s if est else None, host_callbacks(hlo), n, nbytes,
     costmodel.matmul_flops(jaxpr), {f"{p}/{d}": t for (p, d), t in est.seconds.items()} if est else None,
-    est.unknown_trip_loops if est else 0,
+    est.unknown_trip_loops if est else 0, {f"{p}/{d}": n for (p, d), n in est.unpriced.items()} if est else None,
   )  # fmt: skip
 
 
@@ -481,6 +482,7 @@ def report_row(p: Program, topology: Topology) -> dict[str, Any]:
     "est_mfu": p.matmul_flops / (est * topology.chip.peak_bf16_tflops * 1e12) if est and p.matmul_flops else None,
     "est_parts_s": p.est_parts,
     "est_unknown_trip_loops": p.unknown_trip_loops,
+    "est_unpriced": p.unpriced,  # custom fusions (gathers, scatters) XLA:TPU gives no cycles: not in est_step_s
   }
 
 
@@ -507,6 +509,9 @@ def format_parts(r: dict[str, Any]) -> list[str]:
       lines.append(f"    {name:<24}{1e3 * f:>9.1f}{1e3 * b:>9.1f}{100 * (f + b) / total:>7.1f}%")
   if r["est_unknown_trip_loops"]:
     lines.append(f"    ({r['est_unknown_trip_loops']} data-dependent loops, the matcher's, counted once per entry)")
+  if r["est_unpriced"]:
+    named = "; ".join(f"{k.split('/')[0]} ({k.split('/')[1]}) {n}" for k, n in sorted(r["est_unpriced"].items()))
+    lines.append(f"    (not in the estimate: gathers and scatters XLA:TPU does not price; executions a step: {named})")
   return lines
 
 

@@ -55,6 +55,7 @@ HLO = f"""HloModule jit_f, is_scheduled=true
   %p = (s32[], f32[8]) parameter(0)
   %gather_fusion = f32[8]{{0}} fusion(%x), kind=kCustom, calls=%g, metadata={{op_name="{SAMPLING}/gather"}}, backend_config={{"window_config":{{"estimated_cycles":"1500"}}}}
   %w = (u32[], f32[8]) while(%t0), condition=%inner_cond, body=%inner_body
+  %scatter_fusion = f32[8]{{0}} fusion(%x), kind=kCustom, calls=%s, metadata={{op_name="transpose(jvp({SAMPLING}))/scatter-add"}}
   ROOT %t = (s32[], f32[8]) tuple(%i, %gather_fusion)
 }}
 
@@ -77,6 +78,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {{
   %solve = (s32[], s32[]) while(%t2), condition=%solve_cond, body=%solve_body, metadata={{op_name="jit(f)/jvp(losses)/matcher/while"}}
   %ar = (f32[8]{{0}}, f32[4]{{0}}) all-reduce-start(%conv, %y), to_apply=%add, backend_config={{"estimated_cycles":"600"}}
   %cc = f32[8]{{0}} custom-call(%x), custom_call_target="ConcatBitcast"
+  %sc = f32[8]{{0}} fusion(%x), kind=kCustom, calls=%o, metadata={{op_name="jit(f)/jvp(losses)/gather"}}, backend_config={{"window_config":{{"estimated_cycles":"9223372036854775807"}}}}
   ROOT %out = f32[8]{{0}} add(%conv, %x)
 }}
 """  # noqa: E501 (HLO lines as XLA prints them)
@@ -102,6 +104,9 @@ def test_the_estimate_sums_cycles_through_loops_by_part():
     ("all-reduce", "forward"): 600,
   }
   assert est.instructions[("deformable sampling", "forward")] == 2 and est.unknown_trip_loops == 1
+  # Custom fusions without cycles (the layer's scatter, 6 times) and int64-max cycles (an offloaded gather): counted
+  # apart, never summed.
+  assert est.unpriced == {("deformable sampling", "backward"): 6, ("losses", "forward"): 1}
   assert round(est.total_s * 1e3, 6) == 3000 + 9000 + 7200 + 30 + 600
   assert round(est.by_part()["deformable sampling"] * 1e3, 6) == 16200
 

@@ -1,16 +1,22 @@
 """Gather-based deformable sampling against a direct numpy bilinear reference and torch grid_sample (in the
-peer's Python); the TPU's separable formulation against the gather."""
+peer's Python); the TPU's separable formulation, and the others benchmarks/tpu_sampling.py prices, against the
+gather."""
 
 import itertools
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import require_peer
+import pytest
+from conftest import ROOT, require_peer
 
 from sparse_detr_jax import deformable_attention
 from sparse_detr_jax.deformable_attention import MSDeformAttn, deformable_sample
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tpu_sampling
 
 SHAPES = ((5, 7), (3, 4), (2, 2), (1, 1))
 
@@ -154,18 +160,20 @@ def test_query_blocks_change_nothing():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_separable_sampling_equals_the_gather():
-  """separable_sample (TPUs, bfloat16) == gather_sample within 1e-5, forward and gradients, with points outside the
-  levels, on borders and on pixel centres, in padded query blocks."""
+@pytest.mark.parametrize("name", ["separable", "gather/3", "level0-gather"])
+def test_sampling_formulations_equal_the_gather(name):
+  """separable_sample (TPUs, bfloat16) and the other formulations benchmarks/tpu_sampling.py prices == gather_sample
+  within 1e-5, forward and gradients, with points outside the levels, on borders and on pixel centres, in padded
+  query blocks."""
   value, locs, weights = _inputs(seed=4, q=10, m=3, d=4, p=4)
   gather = lambda v, l, w: deformable_attention.gather_sample(v, SHAPES, l, w, query_chunk=4)
-  separable = lambda v, l, w: deformable_attention.separable_sample(v, SHAPES, l, w, query_chunk=4)
+  other = tpu_sampling.formulations(list(SHAPES), query_chunk=4, small_block=3)[name]
   np.testing.assert_allclose(
-    np.asarray(separable(value, locs, weights)), np.asarray(gather(value, locs, weights)), rtol=1e-5, atol=1e-5
+    np.asarray(other(value, locs, weights)), np.asarray(gather(value, locs, weights)), rtol=1e-5, atol=1e-5
   )
   cot = np.random.default_rng(5).normal(size=(2, 10, 3 * 4)).astype(np.float32)
   grad = lambda f: jax.grad(lambda v, l, w: jnp.sum(f(v, l, w) * cot), argnums=(0, 1, 2))(value, locs, weights)
-  for a, b in zip(grad(separable), grad(gather), strict=True):
+  for a, b in zip(grad(other), grad(gather), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
