@@ -6,12 +6,12 @@ and stdout (see main), so that the two sides' timed calls can alternate:
 
 SPEC.json: {"src": a patched copy of the official source, "device": "cpu" | "cuda", "threads", "rows": [{"name",
 "args": official argparse values}], "forward": {"batches", "inputs": NPZ}, "train": {"batch", "height", "width",
-"boxes"}, "out": DIR}. For a row it builds the official model and criterion from the official argparse defaults
-plus the row's values (`models.build_model`, seed 0, random weights), saves them as DIR/NAME.pth in the official
-checkpoint format (for our side to convert), runs the forward on the first input image (DIR/NAME_outputs.npz:
-outputs, scoring logits, kept tokens, two-stage outputs), then times single calls on request: the forward at
-each batch size (inference mode) and the official training step (the engine's: weighted criterion sum,
-backward, clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups).
+"boxes"}, "out": DIR} ("rows", "forward" and "train" only where rows are built). For a row it builds the official
+model and criterion from the official argparse defaults plus the row's values (`models.build_model`, seed 0,
+random weights), saves them as DIR/NAME.pth in the official checkpoint format (for our side to convert), runs the
+forward on the first input image (DIR/NAME_outputs.npz: outputs, scoring logits, kept tokens, two-stage outputs),
+then times single calls on request: the forward at each batch size (inference mode) and the official training step
+(the engine's: weighted criterion sum, backward, clip_grad_norm_ 0.1, AdamW with main.py's three parameter groups).
 
 On a GPU the deformable attention is the official CUDA kernel, compiled from models/ops/src; on a CPU the
 official pure-PyTorch path (`python_ops_for_test`, which the official code uses to check its kernel). The process
@@ -135,6 +135,63 @@ def param_groups(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]
   ]
 
 
+def use_python_path(model: torch.nn.Module, device: str) -> None:
+  """The official switch between its CUDA kernel and its pure-PyTorch reference path: the latter on a CPU."""
+  for m in model.modules():
+    if hasattr(m, "python_ops_for_test"):
+      m.python_ops_for_test = device == "cpu"
+
+
+def save_outputs(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor, path: pathlib.Path) -> None:
+  """The eval-mode forward's outputs to an npz: final logits and boxes, scoring logits, kept tokens, two-stage
+  outputs (the fixtures' names)."""
+  from util.misc import NestedTensor  # pylint: disable=import-outside-toplevel
+
+  model.eval()
+  with torch.inference_mode():
+    o = model(NestedTensor(images, mask))
+    keep = {
+      k: o[k] for k in ("pred_logits", "pred_boxes", "backbone_mask_prediction", "backbone_topk_proposals") if k in o
+    }
+    keep.update(enc_logits=o["enc_outputs"]["pred_logits"], enc_boxes=o["enc_outputs"]["pred_boxes"])
+    if "sparse_token_nums" in o:
+      keep["sparse_token_nums"] = torch.as_tensor(o["sparse_token_nums"])
+    np.savez(path, **{k: v.cpu().numpy() for k, v in keep.items()})
+
+
+def load_checkpoint(spec: dict, request: dict) -> dict:
+  """A checkpoint file as the official code uses one: read with torch.load(weights_only=True) (argparse.Namespace
+  allowed, as the official args need), the model built from its own `args` (device: this run's) and the
+  state_dict loaded with strict=True; then the forward on request["inputs"] (an npz with `images`, `mask`) saved to
+  request["out"]. With request["reference"] (another checkpoint) the reply says whether both hold the same keys and
+  which tensors differ in value (compared in float32: bit-identical or not)."""
+  from models import build_model  # pylint: disable=import-outside-toplevel
+
+  torch.serialization.add_safe_globals([argparse.Namespace])
+  ckpt = torch.load(request["load"], map_location="cpu", weights_only=True)
+  reply: dict = {"loaded": request["load"]}
+  if "reference" in request:
+    ref = torch.load(request["reference"], map_location="cpu", weights_only=True)["model"]
+    got = ckpt["model"]
+    reply["same_keys"] = set(ref) == set(got)
+    reply["differ"] = sorted(k for k in set(ref) & set(got) if not torch.equal(ref[k].float(), got[k].float()))
+    reply["dtypes"] = sorted({str(v.dtype) for v in got.values()})
+  if not request.get("build", True):
+    return reply
+  args = ckpt["args"]
+  args.device = spec["device"]
+  torch.manual_seed(0)
+  model, _, _ = build_model(args)
+  model.load_state_dict(ckpt["model"], strict=True)  # raises on a missing, unexpected or mis-shaped key
+  use_python_path(model.to(spec["device"]), spec["device"])
+  if "inputs" in request:
+    inputs = np.load(request["inputs"])
+    device = torch.device(spec["device"])
+    images = torch.from_numpy(inputs["images"]).to(device)
+    save_outputs(model, images, torch.from_numpy(inputs["mask"]).to(device), pathlib.Path(request["out"]))
+  return reply
+
+
 def build_row(spec: dict, row: dict, inputs) -> dict:
   """Build and save one row's official model, save its outputs on the first input image, and return its timed
   calls: {"forward_b<B>": inference forward at batch B, "train": one official training step}."""
@@ -145,24 +202,12 @@ def build_row(spec: dict, row: dict, inputs) -> dict:
   args = official_args(src, {**row["args"], "device": spec["device"]})
   torch.manual_seed(0)
   model, criterion, _ = build_model(args)
-  model.to(device)
-  for m in model.modules():  # the official switch between its CUDA kernel and its PyTorch reference path
-    if hasattr(m, "python_ops_for_test"):
-      m.python_ops_for_test = device.type == "cpu"
+  use_python_path(model.to(device), spec["device"])
   torch.save({"model": model.state_dict(), "args": args}, out / f"{row['name']}.pth")
 
-  model.eval()
   images = torch.from_numpy(inputs["images"]).to(device)  # (B, 3, H, W)
   mask = torch.from_numpy(inputs["mask"]).to(device)  # (B, H, W), True on padding
-  with torch.inference_mode():
-    o = model(NestedTensor(images[:1], mask[:1]))
-    keep = {
-      k: o[k] for k in ("pred_logits", "pred_boxes", "backbone_mask_prediction", "backbone_topk_proposals") if k in o
-    }
-    keep.update(enc_logits=o["enc_outputs"]["pred_logits"], enc_boxes=o["enc_outputs"]["pred_boxes"])
-    if "sparse_token_nums" in o:
-      keep["sparse_token_nums"] = torch.as_tensor(o["sparse_token_nums"])
-    np.savez(out / f"{row['name']}_outputs.npz", **{k: v.cpu().numpy() for k, v in keep.items()})
+  save_outputs(model, images[:1], mask[:1], out / f"{row['name']}_outputs.npz")
 
   def forward(b: int) -> None:
     model.eval()
@@ -201,6 +246,7 @@ def build_row(spec: dict, row: dict, inputs) -> dict:
 def main() -> None:
   """Serve peer_official.py: one JSON request per stdin line, one JSON reply per line on the real stdout (whatever
   the official code prints goes to stderr). Requests: {"row": NAME} builds that row (reply {"ready": NAME}),
+  {"load": PTH, ...} loads a checkpoint into the model its args build (load_checkpoint),
   {"call": WHAT} runs one of its calls and replies {"s": seconds} (synchronised on a GPU), {"quit": true}."""
   hostmem.retain_freed_memory()
   spec = json.loads(pathlib.Path(sys.argv[1]).read_text())
@@ -212,10 +258,10 @@ def main() -> None:
   sys.path.insert(0, str(src))
   sys.modules["MultiScaleDeformableAttention"] = deformable_kernel(src, spec["device"])
   no_pretrained_download()
-  inputs = np.load(spec["forward"]["inputs"])
+  inputs = np.load(spec["forward"]["inputs"]) if "forward" in spec else None
   cuda = spec["device"] == "cuda"
   sync = torch.cuda.synchronize if cuda else lambda: None
-  rows = {r["name"]: r for r in spec["rows"]}
+  rows = {r["name"]: r for r in spec.get("rows", [])}
   replies.write(json.dumps({"torch": torch.__version__, "device_name": torch.cuda.get_device_name() if cuda else ""}))
   replies.write("\n")
   calls: dict = {}
@@ -225,6 +271,8 @@ def main() -> None:
       calls = {}  # the previous row's model is freed before the next is built
       calls = build_row(spec, rows[request["row"]], inputs)
       reply = {"ready": request["row"]}
+    elif "load" in request:
+      reply = load_checkpoint(spec, request)
     elif "call" in request:
       sync()
       start = time.perf_counter()

@@ -21,7 +21,11 @@ JAX's = cpu count), both processes keeping freed memory for reuse on a CPU (spar
 
 The official source is run from a temporary copy with the fixes today's PyTorch needs (printed; the code
 itself is never copied into this project). Speed-up = official time / ours (> 1: ours is faster).
-Last line: device=<cpu|gpu> fwd_b4_speedup_<row>=<x> ... train_speedup_<row>=<x> ... max_abs_diff=<x>.
+After its timed rounds, each row's model trained here is written as an official checkpoint (to_official.py), and the
+official side builds the model from that file's args, loads it with strict=True and runs it on the first image:
+`trained_max_abs_diff` is its agreement with ours.
+Last line: device=<cpu|gpu> fwd_b4_speedup_<row>=<x> ... train_speedup_<row>=<x> ... max_abs_diff=<x>
+trained_max_abs_diff=<x>.
 """
 
 import argparse
@@ -36,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 # On a GPU both sides share the device: JAX takes half its memory up front (not its default 75%), PyTorch's caching
 # allocator the rest as it needs.
@@ -45,7 +50,7 @@ import numpy as np
 import train_step
 
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax import convert, hostmem
+from sparse_detr_jax import convert, hostmem, to_official
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ROWS = "rho0=configs/r50_efficient_detr.py,rho0.1=configs/r50_sparse_detr_rho_0.1.py"
@@ -120,6 +125,7 @@ class Official:
     self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
     self.proc.stdin.close()
     self.proc.wait()
+    self.proc.stdout.close()
 
 
 def seconds(fn) -> float:
@@ -172,9 +178,12 @@ def agreement(o: dict, ref, num_queries: int) -> dict:
   return r
 
 
-def our_calls(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.ndarray, a) -> tuple[dict, dict]:
-  """Our forward on the official weights (converted) and its agreement with the official outputs; and our calls
-  (forward at each batch, jitted train step of the config), each returning what to block on."""
+def our_calls(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.ndarray, a) -> tuple[dict, dict, Any]:
+  """Our forward on the official weights (converted) and its agreement with the official outputs; our calls
+  (forward at each batch, jitted train step of the config), each returning what to block on; and
+  `trained_parity(official)`: the model our train calls have trained so far, written as an official checkpoint
+  (to_official), built from that file's args and loaded strictly by the official side, which runs it on the first
+  image: its agreement with our forward of the same variables."""
   model, variables, converted = convert.load_official(str(out / f"{name}.pth"))
   for k in (*convert.ARCH_ARGS, "num_classes"):
     if converted[k] != cfg.model[k]:
@@ -193,7 +202,15 @@ def our_calls(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.nd
     carry[0], metrics = step(carry[0], batch)
     return metrics
 
-  return {**calls, "train": train}, parity
+  def trained_parity(official: Official) -> dict:
+    variables = jax.device_get({"params": carry[0].params, **carry[0].constants})
+    path = out / f"{name}_trained.pth"
+    to_official.save(str(path), variables, cfg.model, to_official.official_args(cfg.model, cfg))
+    official.request(load=str(path), inputs=str(out / "first_image.npz"), out=str(out / f"{name}_trained.npz"))
+    with np.load(out / f"{name}_trained.npz") as ref:
+      return agreement(apply(variables, x[:1], m[:1]), ref, cfg.model.num_queries)
+
+  return {**calls, "train": train}, parity, trained_parity
 
 
 def interleaved(official: Official, ours: dict, what: str, rounds: int) -> tuple[list[float], list[float]]:
@@ -246,6 +263,7 @@ def main() -> None:
     images = rng.normal(size=(max(a.batches), 3, a.height, a.width)).astype(np.float32)
     mask = np.zeros((max(a.batches), a.height, a.width), bool)
     np.savez(tmp / "inputs.npz", images=images, mask=mask)
+    np.savez(tmp / "first_image.npz", images=images[:1], mask=mask[:1])
     spec = {
       "src": str(tmp / "src"),
       "out": str(tmp),
@@ -259,12 +277,14 @@ def main() -> None:
     official = Official(peer, tmp / "spec.json")
     times: dict = {}  # row -> what -> (official seconds, our seconds), per round
     parity: dict = {}
+    trained: dict = {}  # row -> agreement on the model trained here, run by the official code
     try:
       for n, c in rows.items():
         official.request(row=n)
-        calls, parity[n] = our_calls(n, c, tmp, images, mask, a)
+        calls, parity[n], trained_parity = our_calls(n, c, tmp, images, mask, a)
         whats = [f"forward_b{b}" for b in a.batches] + ["train"]
         times[n] = {w: interleaved(official, calls, w, a.iters) for w in whats}
+        trained[n] = trained_parity(official)
         del calls
     finally:
       official.close()
@@ -300,11 +320,17 @@ def main() -> None:
     line += f"; queries differing {q['queries_differ']} (gap {q['queries_gap']:.1e}), in another order "
     line += f"{q['queries_reordered']} (outputs compared in the official order); max_abs_diff over {q['compared']}"
     print(line)
+  for n, q in trained.items():
+    print(
+      f"{n}, trained here ({a.iters + 1} steps), written as an official .pth and run by the official code: max "
+      f"|official - ours| final logits {q['logits']:.2e}, boxes {q['boxes']:.2e}; max_abs_diff over {q['compared']}"
+    )
   diff = max(q["max_abs_diff"] for q in parity.values())
+  diff_trained = max(q["max_abs_diff"] for q in trained.values())
   print(
     f"device={'gpu' if gpu else 'cpu'} "
     + " ".join(f"{k}={v:.3f}" for k, v in last.items())
-    + f" max_abs_diff={diff:.3e}"
+    + f" max_abs_diff={diff:.3e} trained_max_abs_diff={diff_trained:.3e}"
   )
 
 

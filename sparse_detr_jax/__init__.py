@@ -11,7 +11,7 @@ Where each paper concept lives (the README's table has them all):
   encoder auxiliary heads .... model.SparseDETR.__call__ (aux_outputs_enc)
   top-k decoder queries ...... transformer.select_topk_queries
   deformable attention ....... deformable_attention.deformable_sample / MSDeformAttn
-  official checkpoints ....... convert.load_official
+  official checkpoints ....... convert.load_official (and back: to_official.from_checkpoint)
   inference on images ........ detector.Detector (export.py: serialized with jax.export)
 """
 

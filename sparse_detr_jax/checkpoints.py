@@ -50,6 +50,7 @@ class Checkpoint:
   directory: pathlib.Path  # where results about it go: the training workdir, else the directory holding it
   step: int | None = None  # training checkpoints
   state: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)  # a .pth's tensors, read once
+  args: dict[str, Any] | None = dataclasses.field(default=None, repr=False)  # a .pth's official args
 
   def describe(self) -> str:
     return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
@@ -68,7 +69,8 @@ def find(path: str) -> Checkpoint:
     if args is None:
       raise ValueError(f"{path}: the checkpoint has no 'args', so its architecture is unknown")
     mc = convert.config_from_args(args, state)
-    return Checkpoint(p, "official", mc, None, categories.for_official(mc.num_classes), p.parent, state=state)
+    names = categories.for_official(mc.num_classes)
+    return Checkpoint(p, "official", mc, None, names, p.parent, state=state, args=args)
   if (p / "variables").is_dir() and (p / convert.CONFIG_FILE).is_file():
     return Checkpoint(p, "converted", convert.read_config(str(p)), None, categories.read(p), p)
   if (p / "checkpoints").is_dir():

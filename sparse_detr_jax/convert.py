@@ -89,13 +89,27 @@ def _param_kind(leaf: str, ndim: int) -> tuple[str, Callable[[np.ndarray], np.nd
   return "scale", _same  # LayerNorm / GroupNorm weight
 
 
+def head_aliases(c: ml_collections.ConfigDict) -> dict[str, list[int]]:
+  """The official model's second registrations of its prediction heads: {'encoder' | 'decoder': the head indices
+  that `transformer.<which>.class_embed.<j>` / `.bbox_embed.<j>` are, j = 0, 1, ...}. Two-stage models give the
+  decoder the whole head list; the encoder aux loss gives the encoder its last enc_layers - 1 heads (as official,
+  by Python's slice [-(enc_layers - 1):], which is the whole list for one encoder layer)."""
+  heads = list(range(num_prediction_heads(c)))
+  out = {}
+  if c.two_stage:
+    out["decoder"] = heads
+  if c.use_enc_aux_loss:
+    out["encoder"] = heads[-(c.enc_layers - 1) :]
+  return out
+
+
 class KeyMapper:
   """Maps official state_dict keys to (collection, flax path, transform) for one model config."""
 
   def __init__(self, c: ml_collections.ConfigDict):
     self.c = c
     self.cloned = heads_are_cloned(c)
-    self.first_enc_aux = num_prediction_heads(c) - (c.enc_layers - 1)
+    self.aliases = head_aliases(c)
 
   def head(self, i: int) -> str:
     return str(i if self.cloned else 0)
@@ -103,14 +117,11 @@ class KeyMapper:
   def __call__(self, key: str, ndim: int) -> tuple[str, Path, Callable] | None:
     parts = key.split(".")
     leaf = parts[-1]
-    m = re.fullmatch(r"transformer\.(encoder|decoder)\.class_embed\.(\d+)\.(weight|bias)", key)
-    if m:  # aliases of the top-level head list
-      i = int(m.group(2)) + (self.first_enc_aux if m.group(1) == "encoder" else 0)
-      return self(f"class_embed.{i}.{leaf}", ndim)
-    m = re.fullmatch(r"transformer\.(encoder|decoder)\.bbox_embed\.(\d+)\.(layers\.\d+\.(?:weight|bias))", key)
-    if m:
-      i = int(m.group(2)) + (self.first_enc_aux if m.group(1) == "encoder" else 0)
-      return self(f"bbox_embed.{i}.{m.group(3)}", ndim)
+    m = re.fullmatch(r"transformer\.(encoder|decoder)\.(class_embed\.|bbox_embed\.)(\d+)(\..+)", key)
+    if m:  # second registrations of the top-level head list
+      heads = self.aliases.get(m.group(1), [])
+      j = int(m.group(3))
+      return self(f"{m.group(2)}{heads[j]}{m.group(4)}", ndim) if j < len(heads) else None
     m = re.fullmatch(r"class_embed\.(\d+)\.(weight|bias)", key)
     if m:
       name, fn = _param_kind(leaf, ndim)

@@ -1,7 +1,9 @@
-"""Ship a detector: its inference function serialized with jax.export (StableHLO), one artifact per canvas.
+"""Ship a detector: its inference function serialized with jax.export (StableHLO), one artifact per canvas; or
+the model as an official Sparse DETR checkpoint for the official PyTorch code.
 
     python -m sparse_detr_jax.export --checkpoint PATH --out DIR [--config FILE] \\
         [--canvases 800x1088,1088x800,800x1333,1333x800] [--batch_size 0] [--platforms cpu,cuda]
+    python -m sparse_detr_jax.export --checkpoint PATH --format pth --out model.pth [--config FILE]
 
     from sparse_detr_jax import Detector
     detector = Detector.from_export("DIR")      # no model code runs: the serialized functions do
@@ -16,9 +18,16 @@ symbolic batch dimension (any batch size runs); N > 0 fixes it, which also makes
 what the in-process model computes (a symbolic batch compiles to code whose float32 rounding differs from the
 fixed-batch one at ~1e-7).
 The artifacts run on the platforms they were exported for (default: this machine's).
+
+--format pth writes {'model': state_dict, 'args': Namespace} as the official main.py saves it (to_official.py):
+the official code builds the model from the file's args and loads it with strict=True; PyTorch is not needed to
+write it. Read it with torch.load(path, weights_only=True) after torch.serialization.add_safe_globals([argparse.
+Namespace]). What the official args cannot say (a class count other than COCO's 91, Swin widths other than
+swin-t's) is printed.
 """
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -157,7 +166,8 @@ def define_flags() -> None:
   """The command line's flags (defined only when run as a program: the library must not own global flags)."""
   flags.DEFINE_string("checkpoint", None, "official .pth, converted directory, training workdir or checkpoint step")
   flags.DEFINE_string("config", None, "config file whose data block gives the transform and canvases")
-  flags.DEFINE_string("out", None, "output directory")
+  flags.DEFINE_enum("format", "jax", FORMATS, "jax: jax.export artifacts (a directory); pth: the official checkpoint")
+  flags.DEFINE_string("out", None, "output directory (--format jax) or file (--format pth)")
   flags.DEFINE_list("canvases", [], "HxW canvases to export (default: every canvas of the config)")
   flags.DEFINE_integer("batch_size", 0, "0: symbolic batch dimension; N: fixed (bit-identical to in-process)")
   flags.DEFINE_list("platforms", [], "platforms to export for, e.g. cpu,cuda,tpu (default: this machine's)")
@@ -165,6 +175,21 @@ def define_flags() -> None:
 
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
+FORMATS = ("jax", "pth")
+
+
+def official_checkpoint(FLAGS) -> None:
+  """--format pth: the official checkpoint file."""
+  from sparse_detr_jax import to_official  # pylint: disable=import-outside-toplevel
+
+  jax_only = [f"--{n}" for n in ("canvases", "platforms", "batch_size") if FLAGS[n].present]
+  if jax_only:
+    cli.usage_error(f"{', '.join(jax_only)}: only for --format jax (an official checkpoint holds weights only)")
+  if os.path.isdir(FLAGS.out):
+    cli.usage_error(f"--out {FLAGS.out}: a directory; --format pth writes a file, e.g. {FLAGS.out}/model.pth")
+  config = config_lib.load_config_file(FLAGS.config) if FLAGS.config else None
+  notes = to_official.from_checkpoint(FLAGS.checkpoint, FLAGS.out, config)
+  print(f"wrote {FLAGS.out}: the official checkpoint format" + "".join(f"\n  note: {n}" for n in notes))
 
 
 def main(argv: list[str]) -> None:
@@ -172,6 +197,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logs.quiet_library_logs()
+  if FLAGS.format == "pth":
+    official_checkpoint(FLAGS)
+    return
   from sparse_detr_jax.detector import Detector  # pylint: disable=import-outside-toplevel
 
   try:

@@ -1,12 +1,18 @@
-"""Read PyTorch checkpoints (`torch.save` files) into numpy arrays, without PyTorch.
+"""Read and write PyTorch checkpoints (`torch.save` files) as numpy arrays, without PyTorch.
 
     state, extra = pth.load("sparse_detr_r50_10.pth")        # nested dicts / lists, tensors as np.ndarray
+    pth.save("model.pth", {"model": {"w": np.ones((2, 3), np.float32)}, "args": argparse.Namespace(lr=2e-4)})
 
 Both of PyTorch's formats are read: the zip archive (`name/data.pkl` plus one raw file per storage,
 PyTorch >= 1.6) and the legacy stream (a sequence of pickles, then the storages). The pickle is read by
 an unpickler that builds only plain containers, `argparse.Namespace` and tensors (as PyTorch's
 `weights_only=True` does): any other object, which could run code on loading, is refused. Every
 failure is a `CheckpointError` naming the file and what was found instead.
+
+`save` writes PyTorch's zip format (what `torch.save` writes by default), which `torch.load(weights_only=True)`
+reads: numpy arrays become tensors (the same array object twice: one storage, as tied weights), holding plain
+containers, scalars, strings and `argparse.Namespace` (which weights_only loading must be allowed to build:
+`torch.serialization.add_safe_globals([argparse.Namespace])`).
 """
 
 import argparse
@@ -33,6 +39,7 @@ _STORAGE_DTYPES = {
   "ByteStorage": np.uint8,
   "BoolStorage": np.bool_,
 }
+_STORAGE_CLASSES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items()}  # what `save` writes
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the legacy stream's first pickle
 
 # What a file starts with, to say what was given instead of a checkpoint.
@@ -217,3 +224,121 @@ def load(path: str) -> Any:
     ) from None
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+class _Writer:
+  """The pickle (protocol 2, as torch.save) of a checkpoint object, written opcode by opcode: tensors are
+  `torch._utils._rebuild_tensor_v2` calls on persistent storages, which a standard pickler cannot name without
+  PyTorch imported. `storages` collects each array once (by identity), keyed '0', '1', ..."""
+
+  def __init__(self):
+    self.out = io.BytesIO()
+    self.storages: dict[int, tuple[str, np.ndarray]] = {}
+
+  def op(self, *parts: bytes) -> None:
+    self.out.write(b"".join(parts))
+
+  def global_(self, module: str, name: str) -> None:
+    self.op(pickle.GLOBAL, f"{module}\n{name}\n".encode())
+
+  def items(self, pairs) -> None:
+    self.op(pickle.EMPTY_DICT, pickle.MARK)
+    for k, v in pairs:
+      self.save(k)
+      self.save(v)
+    self.op(pickle.SETITEMS)
+
+  def save(self, obj: Any) -> None:
+    if isinstance(obj, _StorageName):
+      self.global_("torch", str(obj))
+    elif obj is None or isinstance(obj, bool):
+      self.op({None: pickle.NONE, True: pickle.NEWTRUE, False: pickle.NEWFALSE}[obj])
+    elif isinstance(obj, int | np.integer):
+      self.integer(int(obj))
+    elif isinstance(obj, float | np.floating):
+      self.op(pickle.BINFLOAT, struct.pack(">d", float(obj)))
+    elif isinstance(obj, str):
+      raw = obj.encode("utf-8")
+      self.op(pickle.BINUNICODE, struct.pack("<I", len(raw)), raw)
+    elif isinstance(obj, list | tuple):
+      self.op(pickle.EMPTY_LIST, pickle.MARK) if isinstance(obj, list) else self.op(pickle.MARK)
+      for x in obj:
+        self.save(x)
+      self.op(pickle.APPENDS if isinstance(obj, list) else pickle.TUPLE)
+    elif isinstance(obj, collections.OrderedDict):
+      self.global_("collections", "OrderedDict")
+      self.op(pickle.EMPTY_TUPLE, pickle.REDUCE, pickle.MARK)
+      for k, v in obj.items():
+        self.save(k)
+        self.save(v)
+      self.op(pickle.SETITEMS)
+    elif isinstance(obj, dict):
+      self.items(obj.items())
+    elif isinstance(obj, argparse.Namespace):
+      self.global_("argparse", "Namespace")
+      self.op(pickle.EMPTY_TUPLE, pickle.NEWOBJ)
+      self.items(vars(obj).items())
+      self.op(pickle.BUILD)
+    elif isinstance(obj, np.ndarray):
+      self.tensor(obj)
+    else:
+      raise TypeError(f"pth.save: cannot write a {type(obj).__name__} (tensors, containers, scalars, Namespace)")
+
+  def integer(self, n: int) -> None:
+    if 0 <= n < 256:
+      self.op(pickle.BININT1, bytes([n]))
+    elif 0 <= n < 65536:
+      self.op(pickle.BININT2, struct.pack("<H", n))
+    elif -(2**31) <= n < 2**31:
+      self.op(pickle.BININT, struct.pack("<i", n))
+    else:
+      raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+      self.op(pickle.LONG1, bytes([len(raw)]), raw)
+
+  def tensor(self, array: np.ndarray) -> None:
+    if array.dtype not in _STORAGE_CLASSES:
+      raise TypeError(f"pth.save: no PyTorch storage for dtype {array.dtype}")
+    key, _ = self.storages.setdefault(id(array), (str(len(self.storages)), array))
+    strides = [int(np.prod(array.shape[i + 1 :])) for i in range(array.ndim)]  # contiguous, in elements
+    self.global_("torch._utils", "_rebuild_tensor_v2")
+    self.op(pickle.MARK)
+    self.save(("storage", _StorageName(_STORAGE_CLASSES[array.dtype]), key, "cpu", array.size))
+    self.op(pickle.BINPERSID)
+    self.save(0)  # storage offset
+    self.save(tuple(int(n) for n in array.shape))
+    self.save(tuple(strides))
+    self.save(False)  # requires_grad
+    self.save(collections.OrderedDict())  # backward hooks
+    self.op(pickle.TUPLE, pickle.REDUCE)
+
+
+class _StorageName(str):
+  """A storage class inside a persistent id: written as the global `torch.<name>`."""
+
+
+def save(path: str, obj: Any) -> None:
+  """Write `obj` (see the module docstring) to `path` as torch.save would: a zip archive `<stem>/data.pkl`,
+  `<stem>/data/<key>` (each storage, little-endian, 64-byte aligned as PyTorch aligns them), `<stem>/version`,
+  `<stem>/byteorder`. Written to a temporary name, then renamed: a failure leaves no partial file."""
+  writer = _Writer()
+  writer.op(pickle.PROTO, b"\x02")
+  writer.save(obj)
+  writer.op(pickle.STOP)
+  stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in os.path.basename(path).split(".")[0]) or "archive"
+  records = [("data.pkl", writer.out.getvalue()), ("byteorder", b"little")]
+  records += [(f"data/{key}", np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
+              for key, a in writer.storages.values()]  # fmt: skip
+  records.append(("version", b"3\n"))
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+      for name, data in records:
+        info = zipfile.ZipInfo(f"{stem}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        start = archive.fp.tell() + 30 + len(info.filename.encode())  # where the data would begin
+        pad = -(start + 4) % 64  # an extra field (id 'FB', as PyTorch's) moves it to a multiple of 64
+        info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        archive.writestr(info, data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)

@@ -1,4 +1,4 @@
-"""Official checkpoint conversion: every manifest key maps, safe loading, re-heading, Orbax round trip."""
+"""Official checkpoint conversion: every manifest key maps (both ways), safe loading, re-heading, Orbax round trip."""
 
 import json
 import pathlib
@@ -12,7 +12,7 @@ import pytest
 from conftest import official
 from PIL import Image
 
-from sparse_detr_jax import convert
+from sparse_detr_jax import convert, to_official
 from sparse_detr_jax.data import categories
 from sparse_detr_jax.swin import relative_position_index
 
@@ -45,6 +45,11 @@ def test_full_published_configurations_convert_with_nothing_left_over(name):
       (3, 6, 12, 24),
       7,
     )
+  # and back (to_official): every official key with its shape; the official args but two the manifests were made
+  # with (on a CPU, without downloading ImageNet weights), which official_args leaves at the official defaults
+  written = to_official.state_dict(variables, cfg)
+  assert {k: list(v.shape) for k, v in written.items()} == man["state_dict"]
+  assert vars(to_official.official_args(cfg)) == man["args"] | {"device": "cuda", "backbone_from_scratch": False}
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
   n_frozen = sum(x.size for x in jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
   unique = {}
