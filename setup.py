@@ -32,6 +32,9 @@ setup(
   extras_require={
     "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
     "lint": ["ruff>=0.17,<0.18"],
+    # ONNX exports: writing them (onnx) and running them (onnxruntime; a serving machine needs only this, numpy
+    # and pillow: docs/install.md).
+    "onnx": ["onnx>=1.20,<2", "onnxruntime>=1.24,<2"],
     # The PyTorch peer for benchmarks/peer_hf.py.
     "bench": ["torch==2.14.1", "transformers==5.23.0"],
   },

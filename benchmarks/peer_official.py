@@ -21,11 +21,13 @@ JAX's = cpu count), both processes keeping freed memory for reuse on a CPU (spar
 
 The official source is run from a temporary copy with the fixes today's PyTorch needs (printed; the code
 itself is never copied into this project). Speed-up = official time / ours (> 1: ours is faster).
+With --onnx (the default), the forwards also run exported to ONNX (sparse_detr_jax.onnx_export, at each batch's
+static shape) in ONNX Runtime's CPU provider, as a third side of the same rounds; `ours vs ORT` = ORT time / ours.
 After its timed rounds, each row's model trained here is written as an official checkpoint (to_official.py), and the
 official side builds the model from that file's args, loads it with strict=True and runs it on the first image:
 `trained_max_abs_diff` is its agreement with ours.
-Last line: device=<cpu|gpu> fwd_b4_speedup_<row>=<x> ... train_speedup_<row>=<x> ... max_abs_diff=<x>
-trained_max_abs_diff=<x>.
+Last line: device=<cpu|gpu> fwd_b4_speedup_<row>=<x> ... train_speedup_<row>=<x> ... [fwd_b4_ours_vs_onnx_<row>=<x>
+...] max_abs_diff=<x> trained_max_abs_diff=<x>.
 """
 
 import argparse
@@ -53,6 +55,8 @@ from sparse_detr_jax import config as config_lib
 from sparse_detr_jax import convert, hostmem, to_official
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# What the ONNX forward returns: what a deployment reads, and the queries' token indices (to compare in one order).
+ONNX_OUTPUTS = ("pred_logits", "pred_boxes", "query_indices")
 ROWS = "rho0=configs/r50_efficient_detr.py,rho0.1=configs/r50_sparse_detr_rho_0.1.py"
 PEER_VENV_PYTHON = ROOT / ".peer-venv" / "bin" / "python"
 # (file pattern, regex, replacement, why): what today's PyTorch / torchvision need in the official source.
@@ -210,22 +214,70 @@ def our_calls(name: str, cfg, out: pathlib.Path, images: np.ndarray, mask: np.nd
     with np.load(out / f"{name}_trained.npz") as ref:
       return agreement(apply(variables, x[:1], m[:1]), ref, cfg.model.num_queries)
 
+  if a.onnx:
+    calls.update(onnx_calls(model, variables, images, mask, a.batches, out / name))
+    got = calls["onnx_forward_b1"]() if 1 in a.batches else None
+    if got is not None:  # ONNX Runtime against XLA on the same image: the converter's agreement
+      o = apply(variables, x[:1], m[:1])
+      # where two queries of nearly equal objectness come in the other order, compare in our order
+      where = {int(t): i for i, t in enumerate(got["query_indices"][0])}
+      perm = np.array([where.get(int(t), i) for i, t in enumerate(np.asarray(o["query_indices"])[0])])
+      parity["onnx_vs_ours"] = max(
+        float(np.abs(got[k][:, perm] - np.asarray(o[k])).max()) for k in ("pred_logits", "pred_boxes")
+      )
+      parity["onnx_queries_reordered"] = int(np.sum(perm != np.arange(len(perm))))
   return {**calls, "train": train}, parity, trained_parity
 
 
-def interleaved(official: Official, ours: dict, what: str, rounds: int) -> tuple[list[float], list[float]]:
-  """Seconds of `rounds` official and our calls of `what`, alternating (who goes first alternates too), after one
-  warm-up call each (our compilation): both sides meet the same drift of a shared machine."""
-  official.request(call=what)
-  seconds(ours[what])
-  theirs, mine = [], []
+def onnx_calls(model, variables, images: np.ndarray, mask: np.ndarray, batches, prefix: pathlib.Path) -> dict:
+  """{"onnx_forward_b<B>": ONNX Runtime (CPU, every core) running the model's forward at batch B}: the forward
+  (final logits and boxes, what a deployment reads) converted by onnx_export at the inputs' static shapes."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+
+  from sparse_detr_jax import onnx_export  # pylint: disable=import-outside-toplevel
+
+  def forward(v, x, m):
+    o = model.apply(v, x, m)
+    return {k: o[k] for k in ONNX_OUTPUTS}
+
+  weights = jax.device_get(variables)
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = os.cpu_count()
+  # Freed tensors go back to malloc (kept for reuse by hostmem, as both other sides' are) instead of a second arena
+  # of ORT's own that would hold its peak beside XLA's in this process.
+  options.enable_cpu_mem_arena = False
+  calls = {}
+  for b in batches:
+    x = np.ascontiguousarray(images[:b].transpose(0, 2, 3, 1))
+    args = (jax.ShapeDtypeStruct(x.shape, np.float32), jax.ShapeDtypeStruct(mask[:b].shape, np.bool_))
+    graph = onnx_export.convert(forward, weights, args, ("image", "padding_mask"), ONNX_OUTPUTS)
+    path = pathlib.Path(f"{prefix}_b{b}.onnx")
+    onnx.save(graph, path, save_as_external_data=True, location=path.name + ".data")
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {"image": x, "padding_mask": mask[:b]}
+    run = lambda s=session, f=feeds: s.run(list(ONNX_OUTPUTS), f)
+    calls[f"onnx_forward_b{b}"] = lambda run=run: dict(zip(ONNX_OUTPUTS, run(), strict=True))
+  return calls
+
+
+def interleaved(official: Official, ours: dict, what: str, rounds: int) -> dict[str, list[float]]:
+  """Seconds of `rounds` calls of `what` by the official side, ours and (forwards, with --onnx) ONNX Runtime, in
+  turn (who goes first rotates), after one warm-up call each (our compilation): all meet the same drift of a
+  shared machine."""
+  sides = ["official", "ours"] + (["onnx"] if f"onnx_{what}" in ours else [])
+  run = {
+    "official": lambda: official.request(call=what)["s"],
+    "ours": lambda: seconds(ours[what]),
+    "onnx": lambda: seconds(ours[f"onnx_{what}"]),
+  }
+  for side in sides:
+    run[side]()
+  times: dict[str, list[float]] = {side: [] for side in sides}
   for r in range(rounds):
-    for side in ("official", "ours") if r % 2 == 0 else ("ours", "official"):
-      if side == "official":
-        theirs.append(official.request(call=what)["s"])
-      else:
-        mine.append(seconds(ours[what]))
-  return theirs, mine
+    for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
+      times[side].append(run[side]())
+  return times
 
 
 def main() -> None:
@@ -241,6 +293,12 @@ def main() -> None:
   p.add_argument("--train-width", type=int, default=None, help="default 1333 on a GPU, 512 on a CPU")
   p.add_argument("--train-batch", type=int, default=2)
   p.add_argument("--iters", type=int, default=5, help="timed rounds (one official call and one of ours) per cell")
+  p.add_argument(
+    "--onnx",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="also time the forwards exported to ONNX (onnx_export) and run by ONNX Runtime on the CPU",
+  )
   a = p.parse_args()
   hostmem.retain_freed_memory()
   a.batches = [int(b) for b in a.batches.split(",")]
@@ -301,7 +359,8 @@ def main() -> None:
   )
   last = {}
   for n, row in times.items():
-    for what, (theirs, mine) in row.items():
+    for what, sides in row.items():
+      theirs, mine = sides["official"], sides["ours"]
       speedup = statistics.median(theirs) / statistics.median(mine)
       rounds = [t / m for t, m in zip(theirs, mine, strict=True)]
       print(
@@ -310,7 +369,28 @@ def main() -> None:
       )
       if what in ("forward_b4", "train"):
         last[f"{'fwd_b4' if what != 'train' else 'train'}_speedup_{n}"] = speedup
+  onnx_rows = [(n, w, sides) for n, row in times.items() for w, sides in row.items() if "onnx" in sides]
+  if onnx_rows:
+    print(
+      "\nONNX Runtime (the forward exported by onnx_export, CPU, every core), in the same rounds:\n"
+      "| row | what | official s | ours s | ONNX Runtime s | ORT vs official | ours vs ORT | per-round ours vs ORT |"
+      "\n|---|---|---|---|---|---|---|---|"
+    )
+    for n, what, sides in onnx_rows:
+      official_s, ours_s, onnx_s = (statistics.median(sides[k]) for k in ("official", "ours", "onnx"))
+      rounds = [o / m for o, m in zip(sides["onnx"], sides["ours"], strict=True)]
+      print(
+        f"| {n} | {what} | {official_s:.3f} | {ours_s:.3f} | {onnx_s:.3f} | {official_s / onnx_s:.2f}x | "
+        f"{onnx_s / ours_s:.2f}x | {min(rounds):.2f}-{max(rounds):.2f}x |"
+      )
+      if what == "forward_b4":
+        last[f"fwd_b4_ours_vs_onnx_{n}"] = onnx_s / ours_s
   for n, q in parity.items():
+    if "onnx_vs_ours" in q:
+      print(
+        f"{n}: max |ONNX Runtime - ours| final logits and boxes {q['onnx_vs_ours']:.2e} (batch 1; queries in "
+        f"another order {q['onnx_queries_reordered']}, compared in ours)"
+      )
     line = f"{n}: max |official - ours| final logits {q['logits']:.2e}, boxes {q['boxes']:.2e}; two-stage outputs "
     line += f"{q['enc_outputs']:.2e}"
     if "scores" in q:

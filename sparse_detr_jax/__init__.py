@@ -12,7 +12,7 @@ Where each paper concept lives (the README's table has them all):
   top-k decoder queries ...... transformer.select_topk_queries
   deformable attention ....... deformable_attention.deformable_sample / MSDeformAttn
   official checkpoints ....... convert.load_official (and back: to_official.from_checkpoint)
-  inference on images ........ detector.Detector (export.py: serialized with jax.export)
+  inference on images ........ detector.Detector (export.py: jax.export, ONNX (onnx_export.py), official .pth)
 """
 
 

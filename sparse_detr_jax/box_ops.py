@@ -1,7 +1,6 @@
 """Box utilities shared by the model, the losses and post-processing (boxes are (cx, cy, w, h) unless named)."""
 
 import jax.numpy as jnp
-import numpy as np
 
 INVERSE_SIGMOID_EPS = 1e-5
 
@@ -43,9 +42,3 @@ def generalized_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   wh_c = jnp.clip(rb_c - lt_c, 0)
   area_c = wh_c[..., 0] * wh_c[..., 1]
   return iou - (area_c - union) / area_c
-
-
-def clip_xyxy(b, height: float, width: float):
-  """xyxy pixel boxes (..., 4), numpy or jax, clipped to a height x width image: what a user reads or
-  draws. COCO evaluation keeps the unclipped boxes, as official."""
-  return b.clip(0, np.asarray([width, height, width, height], np.float32))

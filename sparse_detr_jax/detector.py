@@ -9,27 +9,38 @@ per canvas, reused across calls.
     detector.mechanism(image).save("mechanism.png")   # kept encoder tokens and decoder attention per level
 
 Boxes are [x0, y0, x1, y1] in the image's pixels, clipped to it (evaluate.py keeps the official
-unclipped boxes for COCO parity). The model runs on the first local device.
+unclipped boxes for COCO parity). In-process models and jax.export exports run with JAX on the first local
+device; ONNX exports (`from_onnx`) with ONNX Runtime. This module itself (reading images, batching them into
+canvases, reading the detections off the function's outputs, drawing) needs numpy and PIL only: JAX is imported
+by the constructors that need it, so that an ONNX detector runs on a machine without JAX.
 """
 
+import json
 import os
 import pathlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from sparse_detr_jax import box_ops, loop, postprocess, visualize
-from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import visualize
 from sparse_detr_jax.data import categories, pipeline, sources
+
+if TYPE_CHECKING:
+  import ml_collections
 
 ImageLike = np.ndarray | Image.Image | str | os.PathLike
 Detection = dict[str, Any]  # {'box': [x0, y0, x1, y1], 'score', 'category_id', 'category'}
-InferFn = Callable[[dict, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]]
+# The inference function (`inference_function`): (variables, image, padding_mask, orig_size) -> OUTPUTS.
+InferFn = Callable[..., dict[str, Any]]
+OUTPUTS = ("scores", "labels", "boxes", "kept", "attention", "spatial_shapes")
+# A compiled inference function by canvas: runner(canvas, image, padding_mask, orig_size) -> {OUTPUTS: arrays}.
+Runner = Callable[[tuple[int, int], np.ndarray, np.ndarray, np.ndarray], dict[str, Any]]
+# What `python -m sparse_detr_jax.export` writes: DIR/manifest.json and one file per canvas.
+MANIFEST = "manifest.json"
+VARIABLES = "variables.npz"  # the jax.export format's weights
+FORMATS = {"jax": "sparse_detr_jax.export/1", "onnx": "sparse_detr_jax.onnx/1"}
 
 
 def inference_function(model, class_ids: Sequence[int] | None = None) -> InferFn:
@@ -39,7 +50,11 @@ def inference_function(model, class_ids: Sequence[int] | None = None) -> InferFn
   post-processing over the classes `class_ids`, the model's label map: all if None; D = 100); kept (B, N) bool,
   attention (B, N) float32 (visualize.token_maps); spatial_shapes (L, 2) int32}."""
 
-  def infer(variables: dict, image: jax.Array, padding_mask: jax.Array, orig_size: jax.Array) -> dict[str, jax.Array]:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from sparse_detr_jax import postprocess  # pylint: disable=import-outside-toplevel
+
+  def infer(variables: dict, image, padding_mask, orig_size) -> dict[str, Any]:
     out = model.apply(variables, image, padding_mask)
     kept, attention = visualize.token_maps(out)
     shapes = jnp.asarray(out["spatial_shapes"], jnp.int32)
@@ -89,24 +104,99 @@ def _label_map(labels: "str | os.PathLike | dict[int, str] | None") -> dict[int,
   return categories.read_file(labels)
 
 
+def clip_xyxy(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
+  """xyxy pixel boxes (..., 4) clipped to a height x width image: what a user reads or draws (COCO evaluation keeps
+  the unclipped boxes, as official)."""
+  return boxes.clip(0, np.asarray([width, height, width, height], np.float32))
+
+
+class JaxRunner:
+  """The inference function of each canvas compiled with XLA on first use (at the Detector's batch size), on the
+  first local device, and kept."""
+
+  def __init__(self, functions: Callable[[tuple[int, int]], InferFn], variables: dict, batch_size: int):
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from sparse_detr_jax import loop  # pylint: disable=import-outside-toplevel
+
+    self.functions, self.batch_size = functions, batch_size
+    self.variables = jax.device_put(variables, jax.local_devices()[0])
+    self._compiled: dict[tuple[int, int], Any] = {}
+    loop.default_compilation_cache()  # a second process on this machine loads what the first compiled
+
+  def executable(self, canvas: tuple[int, int]):
+    if canvas not in self._compiled:
+      import jax  # pylint: disable=import-outside-toplevel
+      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+      (h, w), b = canvas, self.batch_size
+      args = (
+        jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+        jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
+        jax.ShapeDtypeStruct((b, 2), jnp.int32),
+      )
+      self._compiled[canvas] = jax.jit(self.functions(canvas)).lower(self.variables, *args).compile()
+    return self._compiled[canvas]
+
+  def __call__(self, canvas: tuple[int, int], image, padding_mask, orig_size) -> dict[str, Any]:
+    return self.executable(canvas)(self.variables, image, padding_mask, orig_size)
+
+
+def read_manifest(directory: str | os.PathLike, kind: str) -> dict[str, Any]:
+  """DIR/manifest.json of an export of format `kind` ('jax' or 'onnx'), or a clear error."""
+  path = pathlib.Path(directory) / MANIFEST
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: not found; expected a directory written by python -m sparse_detr_jax.export")
+  manifest = json.loads(path.read_text())
+  if manifest.get("format") != FORMATS[kind]:
+    other = {v: k for k, v in FORMATS.items()}.get(manifest.get("format"))
+    hint = f": an export of --format {other}, read it with Detector.from_{'export' if other == 'jax' else other}"
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMATS[kind]!r}{hint if other else ''}")
+  return manifest
+
+
+def _export_batch(manifest: dict, batch_size: int | None, root: Any) -> int:
+  fixed = manifest["batch_size"]
+  if fixed and batch_size not in (None, fixed):
+    raise ValueError(f"batch_size: the export at {root} has a fixed batch size {fixed}, got {batch_size}")
+  return fixed or batch_size or 1
+
+
+def _names(manifest: dict, root: Any) -> dict[int, str] | None:
+  names = None if manifest["categories"] is None else {int(k): v for k, v in manifest["categories"].items()}
+  if names is None:
+    categories.warn_unknown(str(root))
+  return names
+
+
+def _nested(flat: dict[str, np.ndarray]) -> dict:
+  out: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
 class Detector:
-  """Sparse DETR ready to run on images: see the module docstring. Build it with `from_checkpoint` or
-  `from_export`; `export` writes what `from_export` reads."""
+  """Sparse DETR ready to run on images: see the module docstring. Build it with `from_checkpoint`,
+  `from_export` or `from_onnx`; `python -m sparse_detr_jax.export` writes what the last two read."""
 
   def __init__(
     self,
-    functions: Callable[[tuple[int, int]], InferFn],
-    variables: dict,
-    data_config: ml_collections.ConfigDict,
+    runner: Runner,
+    data_config: Any,
     names: dict[int, str] | None,
     batch_size: int = 1,
     model=None,
   ):
-    """functions(canvas) -> the inference function (`inference_function`) to compile for that canvas;
-    data_config: the transform (val_size, max_size) and canvases (buckets); names: the model's label map
-    {category id: name} (detections are of these ids only), None where it is unknown (every id, 'class N');
-    batch_size: images per compiled call (more: throughput on an accelerator; padding slots cost compute);
-    model: the Flax model when in-process (None for an export)."""
+    """runner: the compiled inference function of each canvas (JaxRunner, onnx_runtime.OnnxRunner);
+    data_config: the transform (val_size, max_size) and canvases (buckets), a config's `data` block or its dict;
+    names: the model's label map {category id: name} (detections are of these ids only), None where it is unknown
+    (every id, 'class N'); batch_size: images per call (more: throughput on an accelerator; padding slots cost
+    compute); model: the Flax model when in-process (None for an export)."""
     if batch_size < 1:
       raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
     self.data_config = data_config
@@ -114,33 +204,32 @@ class Detector:
     self.names = None if names is None else dict(names)
     self.batch_size, self.model = int(batch_size), model
     self._ids = None if names is None else np.array(sorted(self.names), np.int64)
-    self._functions = functions
-    self._variables = jax.device_put(variables, jax.local_devices()[0])
-    self._compiled: dict[tuple[int, int], Any] = {}
-    loop.default_compilation_cache()  # a second process on this machine loads what the first compiled
+    self._run = runner
 
   @classmethod
   def from_model(
     cls,
     model,
     variables: dict,
-    data_config: ml_collections.ConfigDict | None = None,
+    data_config: Any = None,
     batch_size: int = 1,
     names: dict[int, str] | None = None,
   ) -> "Detector":
     """An in-process Detector: a built model (model.build_model), its variables, a data config (default: the
     official COCO evaluation transform and canvases) and its label map (None: unknown, 'class N')."""
+    from sparse_detr_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+
     data_config = data_config or config_lib.data_config()
     infer = inference_function(model, None if names is None else [i for i in names if i < model.config.num_classes])
-    return cls(lambda canvas: infer, variables, data_config, names, batch_size, model)
+    return cls(JaxRunner(lambda canvas: infer, variables, batch_size), data_config, names, batch_size, model)
 
   @classmethod
   def from_checkpoint(
     cls,
     path: str,
-    config: str | ml_collections.ConfigDict | None = None,
+    config: "str | ml_collections.ConfigDict | None" = None,
     batch_size: int = 1,
-    labels: str | os.PathLike | dict[int, str] | None = None,
+    labels: "str | os.PathLike | dict[int, str] | None" = None,
   ) -> "Detector":
     """From an official .pth (architecture from its args), a directory written by `sparse_detr_jax.convert`,
     a training workdir (its latest checkpoint) or one of its checkpoint step directories (WORKDIR/checkpoints/N).
@@ -154,6 +243,7 @@ class Detector:
     """
     # The model code is imported here only: a Detector read `from_export` never loads it.
     from sparse_detr_jax import checkpoints  # pylint: disable=import-outside-toplevel
+    from sparse_detr_jax import config as config_lib  # pylint: disable=import-outside-toplevel
 
     cfg = config_lib.load_config_file(config) if isinstance(config, str | pathlib.Path) else config
     ckpt = checkpoints.find(str(path))
@@ -167,38 +257,58 @@ class Detector:
 
   @classmethod
   def from_export(cls, directory: str, batch_size: int | None = None) -> "Detector":
-    """A Detector from what `export` wrote: the serialized functions run without the model's Python code.
-    batch_size: default the exported one (any, for an export with a symbolic batch dimension: then 1)."""
-    from sparse_detr_jax import export  # pylint: disable=import-outside-toplevel
+    """A Detector from a jax.export export (`python -m sparse_detr_jax.export`): the serialized functions run
+    without the model's Python code. batch_size: default the exported one (any, for an export with a symbolic batch
+    dimension: then 1)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax import export as jax_export  # pylint: disable=import-outside-toplevel
 
-    return export.load(directory, cls, batch_size)
+    from sparse_detr_jax import config as config_lib  # pylint: disable=import-outside-toplevel
 
-  def export(self, out_dir: str, **options: Any) -> None:
-    """Write this Detector's inference function serialized with jax.export: see sparse_detr_jax.export.write."""
-    from sparse_detr_jax import export  # pylint: disable=import-outside-toplevel
+    root = pathlib.Path(directory)
+    manifest = read_manifest(root, "jax")
+    platform = jax.local_devices()[0].platform
+    platform = {"gpu": "cuda"}.get(platform, platform)
+    if platform not in manifest["platforms"]:
+      raise ValueError(
+        f"{root}: exported for {manifest['platforms']}, this machine runs {platform}; export again with "
+        f"--platforms {platform}"
+      )
+    batch = _export_batch(manifest, batch_size, root)
+    with np.load(root / VARIABLES) as f:
+      variables = _nested({k: f[k] for k in f.files})
+    loaded: dict[tuple[int, int], Any] = {}
 
-    export.write(self, out_dir, **options)
+    def function(canvas: tuple[int, int]):
+      if canvas not in loaded:
+        blob = (root / manifest["canvases"][f"{canvas[0]}x{canvas[1]}"]).read_bytes()
+        loaded[canvas] = jax_export.deserialize(bytearray(blob)).call
+      return loaded[canvas]
+
+    data = config_lib.from_json(manifest["data"])
+    return cls(JaxRunner(function, variables, batch), data, _names(manifest, root), batch)
+
+  @classmethod
+  def from_onnx(cls, directory: str, threads: int = 0) -> "Detector":
+    """A Detector from an ONNX export (`python -m sparse_detr_jax.export --format onnx`), run with ONNX Runtime on
+    the CPU: no JAX, Flax or TensorFlow is imported (numpy, pillow and onnxruntime are what it needs). The batch
+    size is the exported one; threads: ONNX Runtime's intra-op threads (0: its default, every core)."""
+    from sparse_detr_jax import onnx_runtime  # pylint: disable=import-outside-toplevel
+
+    root = pathlib.Path(directory)
+    manifest = read_manifest(root, "onnx")
+    files = {tuple(int(v) for v in k.split("x")): root / f for k, f in manifest["canvases"].items()}
+    runner = onnx_runtime.OnnxRunner(files, OUTPUTS, threads)
+    return cls(runner, manifest["data"], _names(manifest, root), manifest["batch_size"])
 
   @property
   def variables(self) -> dict:
-    return self._variables
+    """The weights (an in-process or jax.export Detector)."""
+    return self._run.variables
 
   def function(self, canvas: tuple[int, int]) -> InferFn:
-    """The (uncompiled) inference function of a canvas."""
-    return self._functions(tuple(canvas))
-
-  def _executable(self, canvas: tuple[int, int]):
-    """The compiled inference function of a canvas at this Detector's batch size (compiled on first use)."""
-    if canvas not in self._compiled:
-      h, w = canvas
-      b = self.batch_size
-      args = (
-        jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
-        jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
-        jax.ShapeDtypeStruct((b, 2), jnp.int32),
-      )
-      self._compiled[canvas] = jax.jit(self.function(canvas)).lower(self._variables, *args).compile()
-    return self._compiled[canvas]
+    """The (uncompiled) inference function of a canvas (an in-process or jax.export Detector)."""
+    return self._run.functions(tuple(canvas))
 
   def _batches(self, images: list[np.ndarray]):
     """(pipeline batch, outputs as numpy) per batch of the images grouped by canvas, each image on its own
@@ -209,12 +319,12 @@ class Detector:
     for k in range(count):
       batch = load(k)
       canvas = tuple(int(v) for v in batch["image"].shape[1:3])
-      out = self._executable(canvas)(self._variables, batch["image"], batch["padding_mask"], batch["orig_size"])
+      out = self._run(canvas, batch["image"], batch["padding_mask"], batch["orig_size"])
       if pending is not None:
-        yield pending[0], jax.tree.map(np.asarray, pending[1])
+        yield pending[0], {k: np.asarray(v) for k, v in pending[1].items()}
       pending = (batch, out)
     if pending is not None:
-      yield pending[0], jax.tree.map(np.asarray, pending[1])
+      yield pending[0], {k: np.asarray(v) for k, v in pending[1].items()}
 
   def __call__(
     self, images: ImageLike | Sequence[ImageLike], threshold: float = 0.5
@@ -246,7 +356,7 @@ class Detector:
         keep = out["scores"][slot] >= threshold
         if self._ids is not None:  # only the model's categories (ranked first; the others scored 0)
           keep &= np.isin(out["labels"][slot], self._ids)
-        boxes = box_ops.clip_xyxy(out["boxes"][slot][keep], h, w)
+        boxes = clip_xyxy(out["boxes"][slot][keep], h, w)
         found[int(batch["image_id"][slot]) - 1] = [
           {"box": [float(v) for v in box], "score": float(s), "category_id": int(c), "category": self.name(int(c))}
           for box, s, c in zip(boxes, out["scores"][slot][keep], out["labels"][slot][keep], strict=True)

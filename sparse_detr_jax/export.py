@@ -1,8 +1,9 @@
-"""Ship a detector: its inference function serialized with jax.export (StableHLO), one artifact per canvas; or
-the model as an official Sparse DETR checkpoint for the official PyTorch code.
+"""Ship a detector: its inference function serialized with jax.export (StableHLO) or as ONNX, one artifact per
+canvas; or the model as an official Sparse DETR checkpoint for the official PyTorch code.
 
     python -m sparse_detr_jax.export --checkpoint PATH --out DIR [--config FILE] \\
         [--canvases 800x1088,1088x800,800x1333,1333x800] [--batch_size 0] [--platforms cpu,cuda]
+    python -m sparse_detr_jax.export --checkpoint PATH --format onnx --out DIR [--canvases ...] [--batch_size 1]
     python -m sparse_detr_jax.export --checkpoint PATH --format pth --out model.pth [--config FILE]
 
     from sparse_detr_jax import Detector
@@ -18,6 +19,12 @@ symbolic batch dimension (any batch size runs); N > 0 fixes it, which also makes
 what the in-process model computes (a symbolic batch compiles to code whose float32 rounding differs from the
 fixed-batch one at ~1e-7).
 The artifacts run on the platforms they were exported for (default: this machine's).
+
+--format onnx writes canvas_<H>x<W>.onnx (standard ONNX operators, opset onnx_export.OPSET, no custom op: the
+deformable attention's sampling is gathers and products) with the weights once in weights.bin, which every canvas's
+graph reads as external data, and the same manifest.json (format sparse_detr_jax.onnx/1). The graphs have static
+shapes: --batch_size N (0: 1) is the batch every call runs. `Detector.from_onnx(DIR)` runs them with ONNX Runtime,
+without JAX.
 
 --format pth writes {'model': state_dict, 'args': Namespace} as the official main.py saves it (to_official.py):
 the official code builds the model from the file's args and loads it with strict=True; PyTorch is not needed to
@@ -39,15 +46,15 @@ from jax import export as jax_export
 
 from sparse_detr_jax import cli, logs
 from sparse_detr_jax import config as config_lib
-from sparse_detr_jax.data import batching, categories
+from sparse_detr_jax import detector as detector_lib
+from sparse_detr_jax.data import batching
+from sparse_detr_jax.detector import MANIFEST, VARIABLES, Detector
 
-FORMAT = "sparse_detr_jax.export/1"
-MANIFEST = "manifest.json"
-VARIABLES = "variables.npz"
+WEIGHTS = "weights.bin"  # the ONNX format's weights, external data of every canvas's graph
 
 
-def canvas_file(canvas: tuple[int, int]) -> str:
-  return f"canvas_{canvas[0]}x{canvas[1]}.jax"
+def canvas_file(canvas: tuple[int, int], kind: str = "jax") -> str:
+  return f"canvas_{canvas[0]}x{canvas[1]}.{kind}"
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -57,17 +64,6 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
       out.update(_flat(v, f"{prefix}{k}/"))
     else:
       out[f"{prefix}{k}"] = np.asarray(v)
-  return out
-
-
-def _nested(flat: dict[str, np.ndarray]) -> dict:
-  out: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
   return out
 
 
@@ -85,8 +81,21 @@ def checked_canvases(detector, canvases: list[tuple[int, int]] | None) -> list[t
   return canvases
 
 
+def _manifest(detector: Detector, kind: str, files: dict[str, str], batch_size: int, **extra: Any) -> dict:
+  canvases = [tuple(int(v) for v in k.split("x")) for k in files]
+  return {
+    "format": detector_lib.FORMATS[kind],
+    "canvases": files,
+    "batch_size": batch_size or None,
+    **extra,
+    "data": detector.data_config.to_dict() | {"buckets": [list(c) for c in canvases]},
+    "categories": None if detector.names is None else {str(k): v for k, v in detector.names.items()},
+    "jax_version": jax.__version__,
+  }
+
+
 def write(
-  detector,
+  detector: Detector,
   out_dir: str,
   canvases: list[tuple[int, int]] | None = None,
   batch_size: int = 0,
@@ -97,7 +106,6 @@ def write(
   if detector.model is None:
     raise ValueError("detector: already an export; export the checkpoint it came from")
   canvases = checked_canvases(detector, canvases)
-  data = detector.data_config.to_dict() | {"buckets": [list(c) for c in canvases]}
   if batch_size < 0:
     raise ValueError(f"batch_size: expected 0 (symbolic) or a positive int, got {batch_size}")
   (b,) = jax_export.symbolic_shape("b") if batch_size == 0 else (batch_size,)
@@ -115,67 +123,65 @@ def write(
     files[f"{h}x{w}"] = canvas_file((h, w))
     (out / files[f"{h}x{w}"]).write_bytes(exported.serialize())
   np.savez(out / VARIABLES, **_flat(jax.device_get(detector.variables)))
-  manifest = {
-    "format": FORMAT,
-    "canvases": files,
-    "batch_size": batch_size or None,
-    "platforms": list(platforms or [jax_export.default_export_platform()]),
-    "data": data,
-    "categories": None if detector.names is None else {str(k): v for k, v in detector.names.items()},
-    "jax_version": jax.__version__,
-  }
+  platforms = list(platforms or [jax_export.default_export_platform()])
+  manifest = _manifest(detector, "jax", files, batch_size, platforms=platforms)
   (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def load(directory: str, detector_cls, batch_size: int | None = None):
-  """Detector from what `write` wrote (Detector.from_export)."""
-  root = pathlib.Path(directory)
-  path = root / MANIFEST
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: not found; expected a directory written by python -m sparse_detr_jax.export")
-  manifest = json.loads(path.read_text())
-  if manifest.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-  platform = jax.local_devices()[0].platform
-  platform = {"gpu": "cuda"}.get(platform, platform)
-  if platform not in manifest["platforms"]:
+def write_onnx(detector: Detector, out_dir: str, canvases: list[tuple[int, int]] | None = None, batch_size: int = 1):
+  """Export `detector` (in-process) to out_dir as ONNX: see the module docstring."""
+  import onnx  # pylint: disable=import-outside-toplevel
+
+  from sparse_detr_jax import onnx_export, onnx_runtime  # pylint: disable=import-outside-toplevel
+
+  if detector.model is None:
+    raise ValueError("detector: already an export; export the checkpoint it came from")
+  canvases = checked_canvases(detector, canvases)
+  if batch_size < 1:
+    raise ValueError(f"batch_size: an ONNX export has a fixed batch size, expected a positive int, got {batch_size}")
+  if detector.model.config.dtype != "float32":  # ONNX Runtime's CPU kernels are float32
     raise ValueError(
-      f"{root}: exported for {manifest['platforms']}, this machine runs {platform}; export again with "
-      f"--platforms {platform}"
+      f"model.dtype {detector.model.config.dtype!r}: ONNX exports compute in float32; give a config with "
+      "model.dtype = 'float32' (--config)"
     )
-  fixed = manifest["batch_size"]
-  if fixed and batch_size not in (None, fixed):
-    raise ValueError(f"batch_size: the export at {root} has a fixed batch size {fixed}, got {batch_size}")
-  with np.load(root / VARIABLES) as f:
-    variables = _nested({k: f[k] for k in f.files})
-  loaded: dict[tuple[int, int], Any] = {}
-
-  def function(canvas: tuple[int, int]):
-    if canvas not in loaded:
-      blob = (root / manifest["canvases"][f"{canvas[0]}x{canvas[1]}"]).read_bytes()
-      loaded[canvas] = jax_export.deserialize(bytearray(blob)).call
-    return loaded[canvas]
-
-  names = None if manifest["categories"] is None else {int(k): v for k, v in manifest["categories"].items()}
-  if names is None:
-    categories.warn_unknown(str(root))
-  return detector_cls(function, variables, config_lib.from_json(manifest["data"]), names, fixed or batch_size or 1)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  weights = jax.device_get(detector.variables)
+  places = onnx_export.write_weights(weights, out / WEIGHTS)
+  files = {}
+  for h, w in canvases:
+    args = (
+      jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.float32),
+      jax.ShapeDtypeStruct((batch_size, h, w), jnp.bool_),
+      jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+    )
+    model = onnx_export.convert(
+      detector.function((h, w)), weights, args, onnx_runtime.INPUTS, detector_lib.OUTPUTS, (out, WEIGHTS, places)
+    )
+    files[f"{h}x{w}"] = canvas_file((h, w), "onnx")
+    onnx.save(model, out / files[f"{h}x{w}"])
+  extra = {"weights": WEIGHTS, "opset": onnx_export.OPSET, "onnx_version": onnx.__version__}
+  (out / MANIFEST).write_text(json.dumps(_manifest(detector, "onnx", files, batch_size, **extra), indent=1))
 
 
 def define_flags() -> None:
   """The command line's flags (defined only when run as a program: the library must not own global flags)."""
   flags.DEFINE_string("checkpoint", None, "official .pth, converted directory, training workdir or checkpoint step")
   flags.DEFINE_string("config", None, "config file whose data block gives the transform and canvases")
-  flags.DEFINE_enum("format", "jax", FORMATS, "jax: jax.export artifacts (a directory); pth: the official checkpoint")
+  flags.DEFINE_enum(
+    "format", "jax", FORMATS, "jax: jax.export artifacts, onnx: ONNX graphs (a directory); pth: the official checkpoint"
+  )
   flags.DEFINE_string("out", None, "output directory (--format jax) or file (--format pth)")
   flags.DEFINE_list("canvases", [], "HxW canvases to export (default: every canvas of the config)")
-  flags.DEFINE_integer("batch_size", 0, "0: symbolic batch dimension; N: fixed (bit-identical to in-process)")
+  flags.DEFINE_integer(
+    "batch_size", 0, "jax: 0 = symbolic batch dimension, N = fixed (bit-identical to in-process); onnx: N (0: 1)"
+  )
   flags.DEFINE_list("platforms", [], "platforms to export for, e.g. cpu,cuda,tpu (default: this machine's)")
   flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
-FORMATS = ("jax", "pth")
+FORMATS = ("jax", "onnx", "pth")
 
 
 def official_checkpoint(FLAGS) -> None:
@@ -200,18 +206,22 @@ def main(argv: list[str]) -> None:
   if FLAGS.format == "pth":
     official_checkpoint(FLAGS)
     return
-  from sparse_detr_jax.detector import Detector  # pylint: disable=import-outside-toplevel
-
   try:
     canvases = [tuple(int(v) for v in c.lower().split("x")) for c in FLAGS.canvases]
   except ValueError:
     cli.usage_error(f"--canvases: expected HxW values such as 800x1088, got {','.join(FLAGS.canvases)}")
+  if FLAGS.format == "onnx" and FLAGS.platforms:
+    cli.usage_error("--platforms: only for --format jax (ONNX graphs run wherever an ONNX runtime does)")
   unknown = [p for p in FLAGS.platforms if p not in PLATFORMS]
   if unknown:
     cli.usage_error(f"--platforms {unknown[0]!r}: expected some of {', '.join(PLATFORMS)} (NVIDIA GPUs: cuda)")
   detector = Detector.from_checkpoint(FLAGS.checkpoint, FLAGS.config)
-  write(detector, FLAGS.out, canvases or None, FLAGS.batch_size, FLAGS.platforms or None)  # bad canvases: one line
-  print(f"wrote {FLAGS.out}: {len(canvases or detector.canvases)} canvases, {MANIFEST}, {VARIABLES}")
+  if FLAGS.format == "onnx":
+    write_onnx(detector, FLAGS.out, canvases or None, FLAGS.batch_size or 1)
+  else:
+    write(detector, FLAGS.out, canvases or None, FLAGS.batch_size, FLAGS.platforms or None)  # bad canvases: one line
+  stored = VARIABLES if FLAGS.format == "jax" else WEIGHTS
+  print(f"wrote {FLAGS.out}: {len(canvases or detector.canvases)} canvases, {MANIFEST}, {stored}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
 """Pictures: detections drawn on an image (predict.py, the demo) and Sparse DETR's mechanism (kept
 encoder tokens and decoder attention map per feature level; Detector.mechanism, TensorBoard).
 
-Text is sized to the picture (TITLE_SHARE of its height) so that pictures read without zooming.
+Text is sized to the picture (TITLE_SHARE of its height) so that pictures read without zooming. The pictures
+need numpy and PIL only (an ONNX detector's machine has no JAX); the two functions that run the model
+(`token_maps`, `batch_pictures`) import JAX when called.
 """
 
 from collections.abc import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sparse_detr_jax import postprocess
 from sparse_detr_jax.data import transforms
 
 TITLE_SHARE = 0.02  # text height / picture height
@@ -77,7 +76,7 @@ def label_places(
   return placed
 
 
-def token_maps(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+def token_maps(outputs: dict) -> tuple["jax.Array", "jax.Array"]:  # noqa: F821
   """Sparse DETR's mechanism over the flat token grid, jittable: (kept (B, N) bool, attention (B, N) float32).
 
   Kept: the tokens the encoder updated (each image's top-rho slots; every unpadded token when rho = 0).
@@ -85,6 +84,9 @@ def token_maps(outputs: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
   """
   shapes = [tuple(int(v) for v in s) for s in np.asarray(outputs["spatial_shapes"])]
   # Model code, imported here only: pictures of an exported detector's outputs never load it.
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   from sparse_detr_jax import dam  # pylint: disable=import-outside-toplevel
 
   attention = dam.attention_map(shapes, outputs["sampling_locations_dec"], outputs["attn_weights_dec"])
@@ -198,6 +200,10 @@ def batch_pictures(
 ) -> dict[str, np.ndarray]:
   """{'detections', 'mechanism'}: (H, W, 3) uint8 pictures of a batch's first image (a pipeline batch:
   image, padding_mask, size, orig_size), for TensorBoard. `variables` on one device."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from sparse_detr_jax import postprocess  # pylint: disable=import-outside-toplevel
+
   out = jax.jit(model.apply)(variables, batch["image"][:1], batch["padding_mask"][:1])
   h, w = (int(v) for v in batch["size"][0])
   seen = model_view(batch, 0)

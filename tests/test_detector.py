@@ -10,8 +10,9 @@ import pytest
 from conftest import ROOT, load_npz, official
 from PIL import Image, ImageOps
 
-from sparse_detr_jax import Detector, box_ops, convert, postprocess
+from sparse_detr_jax import Detector, convert, postprocess
 from sparse_detr_jax import config as config_lib
+from sparse_detr_jax import detector as detector_lib
 from sparse_detr_jax.data import batching, categories, sources, transforms
 from sparse_detr_jax.data.sources import Annotations
 
@@ -71,7 +72,7 @@ def reference(path: str, images: list[np.ndarray], cfg) -> list[dict]:
     {
       "scores": det["scores"][i][coco[i]],
       "labels": det["labels"][i][coco[i]],
-      "boxes": box_ops.clip_xyxy(det["boxes"][i][coco[i]], *orig[i]),
+      "boxes": detector_lib.clip_xyxy(det["boxes"][i][coco[i]], *orig[i]),
     }
     for i in range(len(images))
   ]
@@ -125,10 +126,10 @@ def test_any_sizes_counts_and_kinds(detector, tmp_path):
   with pytest.raises(ValueError, match=r"images\[0\]: cannot read .*notes.txt as an image"):
     detector([tmp_path / "notes.txt"])
   # One compiled function per canvas used, kept across calls.
-  compiled = dict(detector._compiled)
+  compiled = dict(detector._run._compiled)
   assert set(compiled) == {(48, 64), (64, 48)}  # landscape and portrait; (64, 64) unused
   detector(images, threshold=0.5)
-  assert all(detector._compiled[c] is compiled[c] for c in compiled)
+  assert all(detector._run._compiled[c] is compiled[c] for c in compiled)
 
 
 def test_mechanism_picture(detector):
@@ -177,7 +178,7 @@ def test_bad_threshold_and_paths(detector, tmp_path):
   with pytest.raises(FileNotFoundError, match="expected an official .pth"):
     Detector.from_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match="batch_size"):
-    Detector(lambda c: None, {}, tiny_config().data, {}, batch_size=0)
+    Detector(lambda *args: None, tiny_config().data, {}, batch_size=0)
 
 
 def test_photos_of_any_mode_read_as_training_reads_them_and_folders_and_urls_are_named(detector, tmp_path):

@@ -64,7 +64,7 @@ def test_export_round_trip_in_a_fresh_process(images, tmp_path):
   assert manifest["batch_size"] is None and set(manifest["canvases"]) == {"48x64", "64x48", "64x64"}
 
   detector = Detector.from_checkpoint(checkpoint, tiny_config(), batch_size=2)
-  detector.export(str(tmp_path / "fixed"), batch_size=2, canvases=[(48, 64), (64, 48)])
+  export.write(detector, str(tmp_path / "fixed"), batch_size=2, canvases=[(48, 64), (64, 48)])
   want = detector(pictures, threshold=0.0)
 
   fresh = run("-c", FRESH_PROCESS, npz, f"{tmp_path / 'fixed'}:0", f"{tmp_path / 'b'}:2", f"{tmp_path / 'b'}:3")
@@ -83,12 +83,12 @@ def test_export_round_trip_in_a_fresh_process(images, tmp_path):
 def test_export_errors(images, tmp_path):
   detector = Detector.from_checkpoint(str(official("tiny_sparse.pth")), tiny_config())
   with pytest.raises(ValueError, match=r"canvases 32x32: 32x32 is not one of the config.s \(48x64,"):
-    detector.export(str(tmp_path / "x"), canvases=[(32, 32)])
+    export.write(detector, str(tmp_path / "x"), canvases=[(32, 32)])
   with pytest.raises(ValueError, match=r"canvases \[\(64, 48\)\] cannot hold a 48x64"):
-    detector.export(str(tmp_path / "x"), canvases=[(64, 48)])
+    export.write(detector, str(tmp_path / "x"), canvases=[(64, 48)])
   with pytest.raises(FileNotFoundError, match="manifest.json: not found"):
     Detector.from_export(str(tmp_path / "missing"))
-  detector.export(str(tmp_path / "ok"), canvases=[(48, 64), (64, 48)], batch_size=1)
+  export.write(detector, str(tmp_path / "ok"), canvases=[(48, 64), (64, 48)], batch_size=1)
   manifest = json.loads((tmp_path / "ok" / export.MANIFEST).read_text())
   with pytest.raises(ValueError, match="fixed batch size 1, got 4"):
     Detector.from_export(str(tmp_path / "ok"), batch_size=4)
@@ -97,4 +97,4 @@ def test_export_errors(images, tmp_path):
     Detector.from_export(str(tmp_path / "ok"))
   with pytest.raises(ValueError, match="already an export"):
     (tmp_path / "ok" / export.MANIFEST).write_text(json.dumps(manifest))
-    Detector.from_export(str(tmp_path / "ok")).export(str(tmp_path / "again"))
+    export.write(Detector.from_export(str(tmp_path / "ok")), str(tmp_path / "again"))

@@ -36,6 +36,7 @@ def test_tiny_rows_agree_and_report():
     "device",
     "fwd_b4_speedup_tiny",
     "train_speedup_tiny",
+    "fwd_b4_ours_vs_onnx_tiny",
     "max_abs_diff",
     "trained_max_abs_diff",
   }
@@ -45,4 +46,6 @@ def test_tiny_rows_agree_and_report():
   # The model our two train steps made, written as an official .pth, built from its args and loaded strictly by
   # the official code: the official forward equals ours.
   assert float(fields["trained_max_abs_diff"]) < 1e-5, run.stdout[-2000:]
+  assert re.search(r"tiny: max \|ONNX Runtime - ours\| final logits and boxes (\S+)", run.stdout), run.stdout[-2000:]
+  assert float(re.search(r"ONNX Runtime - ours\| final logits and boxes (\S+)", run.stdout).group(1)) < 1e-4
   assert re.search(r"util/misc.py: 4 x", run.stdout), run.stdout[:2000]  # the fixes are listed

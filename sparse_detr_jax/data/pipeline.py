@@ -13,7 +13,6 @@ import types
 from typing import TYPE_CHECKING
 
 import numpy as np
-from absl import flags
 
 from sparse_detr_jax.data import batching, transforms
 from sparse_detr_jax.data.sources import Annotations, SampleError
@@ -23,8 +22,8 @@ if TYPE_CHECKING:
 
 
 def data_spec(data_config) -> types.SimpleNamespace:
-  """A picklable copy of the config's `data` block, checked."""
-  c = types.SimpleNamespace(**data_config.to_dict())
+  """A picklable copy of the config's `data` block (a ConfigDict or a plain dict), checked."""
+  c = types.SimpleNamespace(**(data_config if isinstance(data_config, dict) else data_config.to_dict()))
   transforms.check_config(c)
   c.buckets = batching.check_buckets(c.buckets, max(max(c.scales), c.val_size), c.max_size)
   if c.max_boxes <= 0:
@@ -154,6 +153,8 @@ def iterate(dataset: "grain.MapDataset", num_workers: int, prefetch: int = 2) ->
 
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch))
