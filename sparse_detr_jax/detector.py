@@ -64,6 +64,20 @@ def inference_function(model, class_ids: Sequence[int] | None = None) -> InferFn
   return infer
 
 
+def input_specs(batch_size: Any, canvas: tuple[int, int]) -> tuple:
+  """The inference function's inputs after the variables, at a batch size (an int, or jax.export's symbolic
+  dimension) and canvas (H, W): image (B, H, W, 3) float32, padding_mask (B, H, W) bool, orig_size (B, 2) int32."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  b, (h, w) = batch_size, canvas
+  return (
+    jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+    jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
+    jax.ShapeDtypeStruct((b, 2), jnp.int32),
+  )
+
+
 def as_image(image: Any, name: str) -> np.ndarray:
   """An image file's path, a PIL image or an (H, W, 3) uint8 RGB array -> the array, upright (files and PIL images
   turned by their EXIF orientation, as the command line reads photos; any PIL mode converted as training reads
@@ -127,14 +141,8 @@ class JaxRunner:
   def executable(self, canvas: tuple[int, int]):
     if canvas not in self._compiled:
       import jax  # pylint: disable=import-outside-toplevel
-      import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-      (h, w), b = canvas, self.batch_size
-      args = (
-        jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
-        jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
-        jax.ShapeDtypeStruct((b, 2), jnp.int32),
-      )
+      args = input_specs(self.batch_size, canvas)
       self._compiled[canvas] = jax.jit(self.functions(canvas)).lower(self.variables, *args).compile()
     return self._compiled[canvas]
 

@@ -39,7 +39,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from jax import export as jax_export
@@ -114,11 +113,7 @@ def write(
   variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), detector.variables)
   files = {}
   for h, w in canvases:
-    args = (
-      jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
-      jax.ShapeDtypeStruct((b, h, w), jnp.bool_),
-      jax.ShapeDtypeStruct((b, 2), jnp.int32),
-    )
+    args = detector_lib.input_specs(b, (h, w))
     exported = jax_export.export(jax.jit(detector.function((h, w))), platforms=platforms)(variables, *args)
     files[f"{h}x{w}"] = canvas_file((h, w))
     (out / files[f"{h}x{w}"]).write_bytes(exported.serialize())
@@ -150,11 +145,7 @@ def write_onnx(detector: Detector, out_dir: str, canvases: list[tuple[int, int]]
   places = onnx_export.write_weights(weights, out / WEIGHTS)
   files = {}
   for h, w in canvases:
-    args = (
-      jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.float32),
-      jax.ShapeDtypeStruct((batch_size, h, w), jnp.bool_),
-      jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
-    )
+    args = detector_lib.input_specs(batch_size, (h, w))
     model = onnx_export.convert(
       detector.function((h, w)), weights, args, onnx_runtime.INPUTS, detector_lib.OUTPUTS, (out, WEIGHTS, places)
     )
