@@ -147,7 +147,7 @@ def write_onnx(detector: Detector, out_dir: str, canvases: list[tuple[int, int]]
   for h, w in canvases:
     args = detector_lib.input_specs(batch_size, (h, w))
     model = onnx_export.convert(
-      detector.function((h, w)), weights, args, onnx_runtime.INPUTS, detector_lib.OUTPUTS, (out, WEIGHTS, places)
+      detector.function((h, w)), weights, args, onnx_runtime.INPUTS, detector_lib.OUTPUTS, (WEIGHTS, places)
     )
     files[f"{h}x{w}"] = canvas_file((h, w), "onnx")
     onnx.save(model, out / files[f"{h}x{w}"])

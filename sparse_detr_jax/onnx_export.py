@@ -1,6 +1,7 @@
 """A traced JAX function -> an ONNX graph of standard operators (opset 18): what `export --format onnx` writes.
 
-    model = onnx_export.convert(fn, args, names=("scores", ...), weights=(variables, "weights.bin", directory))
+    places = onnx_export.write_weights(variables, directory / "weights.bin")
+    model = onnx_export.convert(fn, variables, specs, input_names, output_names, ("weights.bin", places))
 
 The function is traced to a jaxpr at the arguments' static shapes and each primitive becomes one or a few ONNX
 operators: the calls (jit, custom_jvp/vjp, remat) are inlined, scans unrolled, gathers and scatters (row gathers,
@@ -30,7 +31,7 @@ _ELEMENTWISE = {
   "neg": "Neg", "sign": "Sign", "floor": "Floor", "ceil": "Ceil", "sqrt": "Sqrt", "exp": "Exp", "log": "Log",
   "sin": "Sin", "cos": "Cos", "abs": "Abs", "logistic": "Sigmoid", "tanh": "Tanh", "erf": "Erf",
   "eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual",
-  "stop_gradient": "Identity", "copy": "Identity", "copy_p": "Identity", "optimization_barrier": "Identity",
+  "stop_gradient": "Identity", "copy": "Identity",
 }  # fmt: skip
 _REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin"}
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -431,11 +432,11 @@ def convert(
   args: Sequence[jax.ShapeDtypeStruct],
   input_names: Sequence[str],
   output_names: Sequence[str],
-  external: tuple[pathlib.Path, str, dict[str, tuple[int, int]]] | None = None,
+  external: tuple[str, dict[str, tuple[int, int]]] | None = None,
 ) -> onnx.ModelProto:
   """The ONNX model of fn(weights, *args) (outputs: a dict, or a tuple in output_names' order). weights: a pytree
-  stored as initializers named by their paths; external = (directory, file, {name: (offset, length)}) keeps them
-  in a file every canvas shares (`write_weights` writes it)."""
+  stored as initializers named by their paths; external = (file, {name: (offset, length)}) keeps them in that file
+  beside the model, which every canvas shares (`write_weights` writes it)."""
   closed = jax.make_jaxpr(fn)(weights, *args)
   leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
   weight_names = [weight_name(path) for path, _ in leaves]
@@ -445,7 +446,7 @@ def convert(
     if external is None:
       tensor = numpy_helper.from_array(np.asarray(leaf), name)
     else:
-      _, file, places = external
+      file, places = external
       offset, length = places[name]
       tensor.data_location = TensorProto.EXTERNAL
       for k, v in (("location", file), ("offset", str(offset)), ("length", str(length))):
