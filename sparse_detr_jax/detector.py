@@ -306,6 +306,8 @@ class Detector:
     root = pathlib.Path(directory)
     manifest = read_manifest(root, "onnx")
     files = {tuple(int(v) for v in k.split("x")): root / f for k, f in manifest["canvases"].items()}
+    if not (root / manifest["weights"]).is_file():  # every graph reads it (external data)
+      raise FileNotFoundError(f"{root / manifest['weights']}: not found; the export's manifest.json lists it")
     runner = onnx_runtime.OnnxRunner(files, OUTPUTS, threads)
     return cls(runner, manifest["data"], _names(manifest, root), manifest["batch_size"])
 

@@ -437,7 +437,7 @@ def convert(
   """The ONNX model of fn(weights, *args) (outputs: a dict, or a tuple in output_names' order). weights: a pytree
   stored as initializers named by their paths; external = (file, {name: (offset, length)}) keeps them in that file
   beside the model, which every canvas shares (`write_weights` writes it)."""
-  closed = jax.make_jaxpr(fn)(weights, *args)
+  closed, out_tree = jax.make_jaxpr(fn, return_shape=True)(weights, *args)
   leaves = jax.tree_util.tree_flatten_with_path(weights)[0]
   weight_names = [weight_name(path) for path, _ in leaves]
   g = _Graph()
@@ -453,7 +453,6 @@ def convert(
         tensor.external_data.add(key=k, value=v)
     g.initializers.append(tensor)
   outs = _Converter(g).jaxpr(closed.jaxpr, closed.consts, [*weight_names, *input_names])
-  out_tree = jax.eval_shape(fn, weights, *args)
   if isinstance(out_tree, dict):
     flat_names = sorted(out_tree)  # make_jaxpr flattens a dict by sorted keys
     outs = [outs[flat_names.index(n)] for n in output_names]
